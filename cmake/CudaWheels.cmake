@@ -1,0 +1,38 @@
+# CUDA-side dependencies: the include folders of the nvidia-* wheels torch depends on (cuBLAS, cuSPARSE, ...
+# headers that torch's CUDA headers include) and NCCL, from EPMOE_NCCL_ROOT, the nvidia-nccl-cu* wheel, or the
+# system, in that order. Sets EPMOE_CUDA_WHEEL_INCLUDE_DIRS, EPMOE_NCCL_INCLUDE_DIR, EPMOE_NCCL_LIBRARY,
+# EPMOE_NCCL_SOURCE.
+file(GLOB EPMOE_CUDA_WHEEL_INCLUDE_DIRS LIST_DIRECTORIES true "${EPMOE_SITE_PACKAGES}/nvidia/*/include")
+
+set(EPMOE_NCCL_INCLUDE_DIR "")
+set(EPMOE_NCCL_LIBRARY "")
+set(EPMOE_NCCL_SOURCE "not found")
+set(_nccl_roots "")
+if(DEFINED ENV{EPMOE_NCCL_ROOT})
+    list(APPEND _nccl_roots "$ENV{EPMOE_NCCL_ROOT}|EPMOE_NCCL_ROOT")
+endif()
+list(APPEND _nccl_roots "${EPMOE_SITE_PACKAGES}/nvidia/nccl|nvidia-nccl wheel")
+foreach(_entry IN LISTS _nccl_roots)
+    string(REPLACE "|" ";" _pair "${_entry}")
+    list(GET _pair 0 _root)
+    list(GET _pair 1 _what)
+    if(EXISTS "${_root}/include/nccl.h")
+        # Wheels ship only the SONAME (libnccl.so.2), so accept it as well as libnccl.so.
+        file(GLOB _libs "${_root}/lib/libnccl.so" "${_root}/lib/libnccl.so.[0-9]*" "${_root}/lib64/libnccl.so*")
+        if(_libs)
+            list(GET _libs 0 EPMOE_NCCL_LIBRARY)
+            set(EPMOE_NCCL_INCLUDE_DIR "${_root}/include")
+            set(EPMOE_NCCL_SOURCE "${_what} (${_root})")
+            break()
+        endif()
+    endif()
+endforeach()
+if(EPMOE_NCCL_LIBRARY STREQUAL "")
+    find_path(_sys_nccl_inc nccl.h)
+    find_library(_sys_nccl_lib nccl)
+    if(_sys_nccl_inc AND _sys_nccl_lib)
+        set(EPMOE_NCCL_INCLUDE_DIR "${_sys_nccl_inc}")
+        set(EPMOE_NCCL_LIBRARY "${_sys_nccl_lib}")
+        set(EPMOE_NCCL_SOURCE "system (${_sys_nccl_lib})")
+    endif()
+endif()

@@ -1,0 +1,361 @@
+// Fused grouped top-K routing on the CPU: one pass per token, fp32 inside. Semantics: DESIGN.md §3.
+//
+// NOTES: this file is the bitwise oracle of cuda/route.cu. Both evaluate the same fp32 operations in the same
+// order: the exp below (explicit fmaf, Taylor polynomial), softmax sums over 32 strided partials merged like a
+// warp butterfly, sequential sums of the k weights. fp-contract is off so that g++ never fuses a multiply and
+// an add that the CUDA side rounds separately (nvcc gets __fmul_rn/__fadd_rn there).
+#pragma GCC optimize("fp-contract=off")
+
+#include "cpp/core/route.h"
+
+#include <cmath>
+#include <cstring>
+#include <limits>
+#include <sstream>
+#include <vector>
+
+#include "cpp/core/check.h"
+
+namespace epmoe::core {
+
+std::string validate_route_params(const RouteParams& p) {
+    std::ostringstream os;
+    const int num_experts = p.num_experts, num_groups = p.num_groups;
+    if (p.num_tokens < 0) {
+        os << "router_logits must have num_tokens >= 0, got " << p.num_tokens;
+    } else if (num_experts < 1) {
+        os << "router_logits must have at least 1 expert (dim 1), got " << num_experts;
+    } else if (p.scoring != Scoring::kSoftmax and p.scoring != Scoring::kSigmoid) {
+        os << "scoring must be 'softmax' or 'sigmoid', got enum value " << static_cast<int>(p.scoring);
+    } else if (num_groups < 1 or num_experts % num_groups != 0) {
+        os << "num_groups must be >= 1 and divide the number of experts (" << num_experts << "), got " << num_groups;
+    } else if (p.num_topk_groups < 1 or p.num_topk_groups > num_groups) {
+        os << "topk_groups must be in [1, " << num_groups << "] (num_groups), got " << p.num_topk_groups;
+    } else if (p.has_bias and num_groups > 1 and num_experts / num_groups < 2) {
+        // The group score of the bias path is a top-2 sum, undefined for single-expert groups
+        os << "bias with num_groups > 1 needs at least 2 experts per group, got " << num_experts / num_groups
+           << " (num_experts " << num_experts << " / num_groups " << num_groups << ")";
+    } else if (not std::isfinite(p.scaling_factor)) {
+        os << "scaling_factor must be finite, got " << p.scaling_factor;
+    } else {
+        const int num_candidates = p.num_topk_groups * (num_experts / num_groups);
+        if (p.num_topk < 1 or p.num_topk > num_candidates)
+            os << "top_k must be in [1, " << num_candidates << "] (candidates), got " << p.num_topk;
+    }
+    return os.str();
+}
+
+namespace {
+
+constexpr int kNumLanes = 32;  // softmax partial sums: lane l owns experts l, l + 32, ... (a CUDA warp's order)
+constexpr float kNegInf = -std::numeric_limits<float>::infinity();
+
+inline float as_float(uint32_t u) { return __builtin_bit_cast(float, u); }
+inline uint32_t as_bits(float f) { return __builtin_bit_cast(uint32_t, f); }
+
+// exp(x) in fp32, within 1 ulp over the whole range; NaN -> NaN, -inf -> 0, +inf -> inf. Branch-free so that
+// g++ vectorises the loops that call it. cuda/route.cu evaluates the identical sequence.
+inline float exp_fp32(float x) {
+    x = x < -120.0f ? -120.0f : x;  // comparisons keep NaN
+    x = x > 90.0f ? 90.0f : x;
+    // t = x*log2(e) rounded to an integer by the 1.5*2^23 shifter; n's bits sit in t's low mantissa
+    const float t = fmaf(x, 1.44269504088896341f, 12582912.0f);
+    const float n = t - 12582912.0f;
+    const int32_t n_int = static_cast<int32_t>(as_bits(t) - 0x4B400000u);
+    float r = fmaf(n, -0.693145751953125f, x);  // ln2 split into an exact high part and a low part
+    r = fmaf(n, -1.428606765330187045e-06f, r);
+    float poly = 1.0f / 5040.0f;  // Taylor series of exp(r), |r| <= ln2/2
+    poly = fmaf(poly, r, 1.0f / 720.0f);
+    poly = fmaf(poly, r, 1.0f / 120.0f);
+    poly = fmaf(poly, r, 1.0f / 24.0f);
+    poly = fmaf(poly, r, 1.0f / 6.0f);
+    poly = fmaf(poly, r, 0.5f);
+    poly = fmaf(poly, r, 1.0f);
+    poly = fmaf(poly, r, 1.0f);
+    // 2^n as two normal factors, so that results in the subnormal range round once
+    const int32_t n_lo = n_int >> 1, n_hi = n_int - n_lo;
+    return poly * as_float(static_cast<uint32_t>(n_lo + 127) << 23) * as_float(static_cast<uint32_t>(n_hi + 127) << 23);
+}
+
+inline float bf16_to_float(uint16_t h) { return as_float(static_cast<uint32_t>(h) << 16); }
+
+// Exact IEEE half -> float, subnormals and NaN payloads included, branch-free.
+inline float fp16_to_float(uint16_t h) {
+    const uint32_t sign = static_cast<uint32_t>(h & 0x8000u) << 16;
+    const uint32_t exp_mant = h & 0x7fffu;
+    // Normal and subnormal halves: shift into place, then rebias by 2^(127 - 15) (exact)
+    const float finite = as_float(exp_mant << 13) * 0x1p112f;
+    const uint32_t special = 0x7f800000u | ((exp_mant & 0x3ffu) << 13);
+    return as_float(sign | (exp_mant >= 0x7c00u ? special : as_bits(finite)));
+}
+
+// Stable insertion of (value, idx) into the descending list (values, ids) of size num_kept < capacity, or
+// replacing its last entry when full. Equal values keep their earlier (lower-index) entries first.
+inline void insert_sorted(float* values, int32_t* ids, int& num_kept, int capacity, float value, int32_t idx) {
+    int pos;
+    if (num_kept < capacity) {
+        pos = num_kept++;
+    } else {
+        if (not(value > values[capacity - 1]))
+            return;
+        pos = capacity - 1;
+    }
+    for (; pos > 0 and values[pos - 1] < value; --pos) {
+        values[pos] = values[pos - 1];
+        ids[pos] = ids[pos - 1];
+    }
+    values[pos] = value;
+    ids[pos] = idx;
+}
+
+// Top-k of values[0, n) by (value desc, index asc) into (top_values, top_ids), ids mapped through `ids` when
+// given; scratch holds n floats and n ints. NOTES: the k-th largest of 16 lane maxima is a lower bound of the
+// k-th largest value (k lane maxima are >= it), so everything below it can be dropped without changing the
+// result; the few survivors are then ranked branch-free.
+inline void select_topk(const float* __restrict values, const int32_t* __restrict ids, int n, int k,
+                        float* __restrict top_values, int32_t* __restrict top_ids, float* __restrict survivor_values,
+                        int32_t* __restrict survivor_ids) {
+    constexpr int kNumFilterLanes = 16, kMaxRanked = 64;
+    float threshold = kNegInf;
+    if (k <= kNumFilterLanes and n >= 2 * kNumFilterLanes) {
+        float lane_max[kNumFilterLanes];
+        for (int l = 0; l < kNumFilterLanes; ++l)
+            lane_max[l] = values[l];
+        int base = kNumFilterLanes;
+        for (; base + kNumFilterLanes <= n; base += kNumFilterLanes)
+            for (int l = 0; l < kNumFilterLanes; ++l)
+                lane_max[l] = values[base + l] > lane_max[l] ? values[base + l] : lane_max[l];
+        // The k-th largest lane maximum v: fewer than k maxima above v, at least k at or above it
+        for (int l = 0; l < kNumFilterLanes; ++l) {
+            int num_greater = 0, num_greater_equal = 0;
+            for (int m = 0; m < kNumFilterLanes; ++m) {
+                num_greater += lane_max[m] > lane_max[l];
+                num_greater_equal += lane_max[m] >= lane_max[l];
+            }
+            threshold = num_greater < k and k <= num_greater_equal ? lane_max[l] : threshold;
+        }
+    }
+    int num_survivors = 0;
+    for (int i = 0; i < n; ++i) {
+        survivor_values[num_survivors] = values[i];
+        survivor_ids[num_survivors] = ids != nullptr ? ids[i] : i;
+        num_survivors += values[i] >= threshold;
+    }
+    if (num_survivors <= kMaxRanked) {
+        // Rank of a = number of survivors ordered before it; ranks are distinct (survivors are in index order)
+        for (int a = 0; a < num_survivors; ++a) {
+            const float v = survivor_values[a];
+            int rank = 0;
+            for (int b = 0; b < num_survivors; ++b)
+                rank += (survivor_values[b] > v) | ((survivor_values[b] == v) & (b < a));
+            if (rank < k) {
+                top_values[rank] = v;
+                top_ids[rank] = survivor_ids[a];
+            }
+        }
+    } else {
+        int num_kept = 0;  // many ties: stable insertion, O(n k)
+        for (int a = 0; a < num_survivors; ++a)
+            insert_sorted(top_values, top_ids, num_kept, k, survivor_values[a], survivor_ids[a]);
+    }
+}
+
+// Largest and second largest of values[0, n) (a repeated maximum counts twice), lane-parallel then tree-merged.
+inline void top2(const float* __restrict values, int n, float& first, float& second) {
+    constexpr int kNumTop2Lanes = 8;
+    float lane_first[kNumTop2Lanes], lane_second[kNumTop2Lanes];
+    for (int l = 0; l < kNumTop2Lanes; ++l)
+        lane_first[l] = kNegInf, lane_second[l] = kNegInf;
+    int base = 0;
+    for (; base + kNumTop2Lanes <= n; base += kNumTop2Lanes) {
+        for (int l = 0; l < kNumTop2Lanes; ++l) {
+            const float v = values[base + l];
+            const float lower = v < lane_first[l] ? v : lane_first[l];
+            lane_second[l] = lower > lane_second[l] ? lower : lane_second[l];
+            lane_first[l] = v > lane_first[l] ? v : lane_first[l];
+        }
+    }
+    for (int l = 0; base + l < n; ++l) {
+        const float v = values[base + l];
+        const float lower = v < lane_first[l] ? v : lane_first[l];
+        lane_second[l] = lower > lane_second[l] ? lower : lane_second[l];
+        lane_first[l] = v > lane_first[l] ? v : lane_first[l];
+    }
+    // top2(a ∪ b) = (max(a1, b1), max(min(a1, b1), max(a2, b2)))
+    for (int width = kNumTop2Lanes / 2; width > 0; width /= 2) {
+        for (int l = 0; l < width; ++l) {
+            const float a1 = lane_first[l], b1 = lane_first[l + width];
+            const float a2 = lane_second[l], b2 = lane_second[l + width];
+            const float lower = a1 < b1 ? a1 : b1;
+            const float second_max = a2 > b2 ? a2 : b2;
+            lane_first[l] = a1 > b1 ? a1 : b1;
+            lane_second[l] = lower > second_max ? lower : second_max;
+        }
+    }
+    first = lane_first[0];
+    second = lane_second[0];
+}
+
+struct Scratch {
+    std::vector<float> x, scores, sel, group_scores, top_values;
+    std::vector<float> survivor_values;
+    std::vector<int32_t> top_ids, candidate_ids, survivor_ids;
+    std::vector<uint8_t> group_kept;
+};
+
+// One token: logits row -> (topk_weights, topk_idx). Cloned per ISA; the helpers above inline into each clone.
+__attribute__((target_clones("arch=x86-64-v4", "arch=x86-64-v3", "default"))) void route_range(
+    const void* logits, DType dtype, const float* bias, const RouteParams& p, float* topk_weights, int32_t* topk_idx,
+    int64_t token_begin, int64_t token_end, Scratch& scratch) {
+    const int num_experts = p.num_experts, num_topk = p.num_topk, num_groups = p.num_groups;
+    const int num_per_group = num_experts / num_groups;
+    float* __restrict x = scratch.x.data();
+    float* __restrict scores = scratch.scores.data();
+    float* __restrict sel = scratch.sel.data();
+    float* __restrict top_values = scratch.top_values.data();
+    int32_t* __restrict top_ids = scratch.top_ids.data();
+    float* __restrict survivor_values = scratch.survivor_values.data();
+    int32_t* __restrict survivor_ids = scratch.survivor_ids.data();
+
+    for (int64_t token = token_begin; token < token_end; ++token) {
+        // Logits row in fp32
+        const float* __restrict row;
+        if (dtype == DType::kFloat32) {
+            row = static_cast<const float*>(logits) + token * num_experts;
+        } else {
+            const uint16_t* __restrict raw = static_cast<const uint16_t*>(logits) + token * num_experts;
+            if (dtype == DType::kBFloat16) {
+                for (int i = 0; i < num_experts; ++i)
+                    x[i] = bf16_to_float(raw[i]);
+            } else {
+                for (int i = 0; i < num_experts; ++i)
+                    x[i] = fp16_to_float(raw[i]);
+            }
+            row = x;
+        }
+
+        // Scores
+        if (p.scoring == Scoring::kSigmoid) {
+            for (int i = 0; i < num_experts; ++i)
+                scores[i] = 1.0f / (1.0f + exp_fp32(-row[i]));
+        } else {
+            // NOTES: a NaN or +inf anywhere makes the sum NaN and so every score NaN, as in torch.softmax
+            float lane_max[kNumLanes], lane_sum[kNumLanes];
+            for (int l = 0; l < kNumLanes; ++l)
+                lane_max[l] = kNegInf, lane_sum[l] = 0.0f;
+            int base = 0;
+            for (; base + kNumLanes <= num_experts; base += kNumLanes)
+                for (int l = 0; l < kNumLanes; ++l)
+                    lane_max[l] = row[base + l] > lane_max[l] ? row[base + l] : lane_max[l];
+            for (int l = 0; base + l < num_experts; ++l)
+                lane_max[l] = row[base + l] > lane_max[l] ? row[base + l] : lane_max[l];
+            float row_max = kNegInf;
+            for (int l = 0; l < kNumLanes; ++l)
+                row_max = lane_max[l] > row_max ? lane_max[l] : row_max;
+
+            for (int i = 0; i < num_experts; ++i)
+                scores[i] = exp_fp32(row[i] - row_max);
+            for (base = 0; base + kNumLanes <= num_experts; base += kNumLanes)
+                for (int l = 0; l < kNumLanes; ++l)
+                    lane_sum[l] += scores[base + l];
+            for (int l = 0; base + l < num_experts; ++l)
+                lane_sum[l] += scores[base + l];
+            // Butterfly merge (xor 16, 8, 4, 2, 1), the order of a warp reduction
+            for (int offset = kNumLanes / 2; offset > 0; offset /= 2)
+                for (int l = 0; l < offset; ++l)
+                    lane_sum[l] += lane_sum[l + offset];
+            const float inv_sum = 1.0f / lane_sum[0];
+            for (int i = 0; i < num_experts; ++i)
+                scores[i] *= inv_sum;
+        }
+
+        // Selection scores: biased, NaN ranks as -inf
+        if (bias != nullptr) {
+            for (int i = 0; i < num_experts; ++i) {
+                const float v = scores[i] + bias[i];
+                sel[i] = v == v ? v : kNegInf;
+            }
+        } else {
+            for (int i = 0; i < num_experts; ++i)
+                sel[i] = scores[i] == scores[i] ? scores[i] : kNegInf;
+        }
+
+        // Top-k over the experts of the kept groups
+        if (num_groups == 1) {
+            select_topk(sel, nullptr, num_experts, num_topk, top_values, top_ids, survivor_values, survivor_ids);
+        } else {
+            float* __restrict group_scores = scratch.group_scores.data();
+            uint8_t* __restrict group_kept = scratch.group_kept.data();
+            for (int g = 0; g < num_groups; ++g) {
+                float first, second;
+                top2(sel + g * num_per_group, num_per_group, first, second);
+                const float score = bias != nullptr ? first + second : first;
+                group_scores[g] = score == score ? score : kNegInf;  // -inf + inf
+                group_kept[g] = 0;
+            }
+            select_topk(group_scores, nullptr, num_groups, p.num_topk_groups, top_values, top_ids, survivor_values,
+                        survivor_ids);
+            for (int j = 0; j < p.num_topk_groups; ++j)
+                group_kept[top_ids[j]] = 1;
+            // Candidates: the kept groups' experts, compacted in ascending expert order (sel reused in place)
+            int32_t* __restrict candidate_ids = scratch.candidate_ids.data();
+            int num_candidates = 0;
+            for (int g = 0; g < num_groups; ++g) {
+                if (not group_kept[g])
+                    continue;
+                for (int i = g * num_per_group; i < (g + 1) * num_per_group; ++i, ++num_candidates) {
+                    sel[num_candidates] = sel[i];
+                    candidate_ids[num_candidates] = i;
+                }
+            }
+            select_topk(sel, candidate_ids, num_candidates, num_topk, top_values, top_ids, survivor_values,
+                        survivor_ids);
+        }
+
+        // Weights from the unbiased scores
+        float* __restrict out_weights = topk_weights + token * num_topk;
+        int32_t* __restrict out_idx = topk_idx + token * num_topk;
+        float weight_sum = 0.0f;
+        for (int j = 0; j < num_topk; ++j) {
+            out_idx[j] = top_ids[j];
+            out_weights[j] = scores[top_ids[j]];
+            weight_sum += out_weights[j];
+        }
+        const float denom = weight_sum + 1e-20f;
+        for (int j = 0; j < num_topk; ++j) {
+            float w = out_weights[j];
+            if (p.renormalize)
+                w = w / denom;
+            out_weights[j] = w * p.scaling_factor;
+        }
+    }
+}
+
+}  // namespace
+
+void route_cpu(const void* logits, DType dtype, const float* bias, const RouteParams& p, float* topk_weights,
+               int32_t* topk_idx, int64_t token_begin, int64_t token_end) {
+    EPMOE_HOST_CHECK(0 <= token_begin and token_begin <= token_end and token_end <= p.num_tokens,
+                     "token range [", token_begin, ", ", token_end, ") outside [0, ", p.num_tokens, ")");
+    EPMOE_HOST_CHECK(p.has_bias == (bias != nullptr), "has_bias must match the bias pointer");
+    const std::string error = validate_route_params(p);
+    EPMOE_HOST_CHECK(error.empty(), error);
+    if (token_begin == token_end)
+        return;
+    const int num_experts = p.num_experts;
+    Scratch scratch;
+    scratch.x.resize(num_experts);
+    scratch.scores.resize(num_experts);
+    scratch.sel.resize(num_experts);
+    scratch.group_scores.resize(p.num_groups);
+    scratch.group_kept.resize(p.num_groups);
+    const int capacity = p.num_topk > p.num_topk_groups ? p.num_topk : p.num_topk_groups;
+    scratch.top_values.resize(capacity);
+    scratch.top_ids.resize(capacity);
+    scratch.candidate_ids.resize(num_experts);
+    scratch.survivor_values.resize(num_experts);
+    scratch.survivor_ids.resize(num_experts);
+    route_range(logits, dtype, bias, p, topk_weights, topk_idx, token_begin, token_end, scratch);
+}
+
+}  // namespace epmoe::core

@@ -1,0 +1,90 @@
+"""Per-physical-expert load recording on the routing device, with a window of the last N steps."""
+
+from __future__ import annotations
+
+import torch
+import torch.distributed as dist
+
+__all__ = ["LoadRecorder"]
+
+
+class LoadRecorder:
+    """Counts routed (token, k) pairs per physical slot and keeps the last `window_size` steps.
+
+    Usage per forward step: `record(layer, phys_idx)` for every MoE layer (after `map_to_physical`), then `step()`.
+    Counting is an `index_add_` into a device buffer: no host sync, no allocation beyond a ones tensor.
+    Nothing is communicated until `window_load` / `logical_load` is called with a process group.
+
+    Arguments:
+        num_layers: L.
+        num_slots: P physical slots per layer (global slot ids, all ranks).
+        window_size: N steps kept in the ring buffer.
+        device: where counts live (the routing device).
+    """
+
+    def __init__(self, num_layers: int, num_slots: int, window_size: int, device=None):
+        for name, value in (("num_layers", num_layers), ("num_slots", num_slots), ("window_size", window_size)):
+            if not isinstance(value, int) or value <= 0:
+                raise ValueError(f"{name} must be a positive int, got {value!r}")
+        self.num_layers = num_layers
+        self.num_slots = num_slots
+        self.window_size = window_size
+        self.device = torch.device(device if device is not None else "cpu")
+        # Column num_slots is a trash bin for -1 (skipped) entries, so no masking (and no sync) is needed.
+        self._pass = torch.zeros(num_layers, num_slots + 1, dtype=torch.int64, device=self.device)
+        self._window = torch.zeros(window_size, num_layers, num_slots, dtype=torch.int64, device=self.device)
+        self._cursor = 0
+        self.num_steps = 0
+
+    def record(self, layer: int, phys_idx: torch.Tensor) -> None:
+        """Adds the routed slots of one layer in this step.
+
+        Arguments:
+            layer: MoE layer index in [0, L).
+            phys_idx: int32/int64 [T, k] physical slot ids on `device`; -1 entries are ignored.
+        """
+        if not 0 <= layer < self.num_layers:
+            raise ValueError(f"layer must lie in [0, {self.num_layers}), got {layer}")
+        if phys_idx.dtype not in (torch.int32, torch.int64):
+            raise TypeError(f"phys_idx must be int32 or int64, got {phys_idx.dtype}")
+        if phys_idx.device != self.device:
+            raise ValueError(f"phys_idx must be on {self.device}, got {phys_idx.device}")
+        flat = phys_idx.reshape(-1).to(torch.int64)
+        flat = torch.where(flat < 0, self.num_slots, flat)
+        self._pass[layer].index_add_(0, flat, torch.ones_like(flat))
+
+    def step(self) -> None:
+        """Closes the current step: moves its counts into the ring buffer (overwriting the oldest step)."""
+        self._window[self._cursor].copy_(self._pass[:, :self.num_slots])
+        self._pass.zero_()
+        self._cursor = (self._cursor + 1) % self.window_size
+        self.num_steps += 1
+
+    def reset(self) -> None:
+        """Forgets every recorded step (e.g. after a rearrangement changed what slot ids mean)."""
+        self._pass.zero_()
+        self._window.zero_()
+        self._cursor = 0
+        self.num_steps = 0
+
+    def window_load(self, group=None) -> torch.Tensor:
+        """int64 [L, P]: counts per physical slot summed over the window (and over ranks when `group` is given or
+        torch.distributed is initialised; every rank of the group must call it)."""
+        total = self._window.sum(dim=0)
+        if group is not None or (dist.is_available() and dist.is_initialized()):
+            dist.all_reduce(total, op=dist.ReduceOp.SUM, group=group)
+        return total
+
+    def logical_load(self, phy2log: torch.Tensor, num_experts: int, group=None) -> torch.Tensor:
+        """int64 [L, E]: window counts folded onto logical experts with the placement the window was recorded with.
+
+        Arguments:
+            phy2log: int64 [L, P] slot contents during the window.
+            num_experts: E.
+            group: as in `window_load`.
+        """
+        if tuple(phy2log.shape) != (self.num_layers, self.num_slots):
+            raise ValueError(f"phy2log must have shape {(self.num_layers, self.num_slots)}, got {tuple(phy2log.shape)}")
+        per_slot = self.window_load(group)
+        out = torch.zeros(self.num_layers, num_experts, dtype=torch.int64, device=per_slot.device)
+        return out.scatter_add_(1, phy2log.to(per_slot.device, torch.int64), per_slot)

@@ -1,0 +1,76 @@
+// Expert-parallel dispatch planning, torch-free: expert placement, the per-destination-rank deduplicated send plan,
+// the cross-rank agreement header, and the receive-side expansion into expert-major rows. Semantics: DESIGN.md §3.
+#pragma once
+
+#include <array>
+#include <cstdint>
+#include <string>
+#include <vector>
+
+namespace epmoe::core {
+
+// Which rank holds each expert and where it sits among that rank's experts.
+struct ExpertPlacement {
+    int num_experts = 0;
+    int num_ranks = 0;
+    std::vector<int32_t> expert_to_rank;     // [num_experts]
+    std::vector<int32_t> expert_to_local;    // [num_experts] index among its rank's experts (ascending expert id)
+    std::vector<int32_t> num_local_experts;  // [num_ranks]
+    uint64_t fingerprint = 0;                // hash of expert_to_rank, compared across ranks
+};
+
+// Builds the placement. expert_to_rank == nullptr means the even split: rank r owns [r*E/R, (r+1)*E/R), which
+// needs num_experts % num_ranks == 0. Returns "" on success, else a message naming the offending argument.
+std::string make_expert_placement(const int32_t* expert_to_rank, int num_experts, int num_ranks, ExpertPlacement* out);
+
+// What one rank sends. A token goes once to every rank that owns at least one of its experts (deduplicated), with
+// its slot list rewritten to destination-local expert ids. Rows are ordered by destination rank, then token.
+struct SendPlan {
+    int num_topk = 0;
+    std::vector<int64_t> num_send_per_rank;      // [R] rows sent to each rank (after the capacity clip)
+    std::vector<int64_t> num_overflow_per_rank;  // [R] rows that did not fit the capacity (always 0 in exact mode)
+    std::vector<int32_t> send_token_idx;         // [N] source token of each sent row
+    std::vector<int32_t> send_slot_expert;       // [N, k] destination-local expert of each slot, -1 = not there
+};
+
+// Plans the send side. topk_idx [num_tokens, num_topk] holds expert ids in [0, E) or -1 (skipped slot).
+// capacity < 0: exact mode (no clip); otherwise at most `capacity` rows per destination, earliest tokens first.
+std::string plan_dispatch(const int32_t* topk_idx, int64_t num_tokens, int num_topk, const ExpertPlacement& placement,
+                          int64_t capacity, SendPlan* out);
+
+// Expert-major layout of the received rows on one rank.
+struct RecvLayout {
+    std::vector<int64_t> tokens_per_expert;  // [L]
+    std::vector<int64_t> expert_offsets;     // [L+1] exclusive prefix sum of tokens_per_expert
+    std::vector<int32_t> row_src;            // [M] received row that feeds each expert-major row
+    std::vector<int32_t> row_slot;           // [M] slot of that received row
+    std::vector<int64_t> recv_slot_row;      // [N_recv, k] expert-major row of each (received row, slot), M = none
+};
+
+// Expands received rows. recv_slot_expert [num_recv, num_topk] holds local expert ids in [0, L) or -1. Rows are
+// ordered by local expert, then by received row (= source rank, source token), then slot: deterministic.
+std::string expand_received(const int32_t* recv_slot_expert, int64_t num_recv, int num_topk, int num_local_experts,
+                            RecvLayout* out);
+
+// Per-pair header of the counts exchange. Every field but num_rows/num_overflow must agree across ranks; the
+// receiver checks them, so a mismatch fails on every rank without an extra collective.
+enum HeaderField : int {
+    kMagic = 0,
+    kNumRows,      // rows the sender sends to the receiver
+    kNumOverflow,  // rows the sender could not send to the receiver (capacity mode)
+    kNumExperts,
+    kHidden,
+    kDType,        // wire dtype code (the torch layer's at::ScalarType)
+    kNumTopk,
+    kMode,         // 0 = exact, 1 = capacity
+    kCapacity,
+    kPlacement,    // ExpertPlacement::fingerprint, truncated to 62 bits
+    kHeaderLen
+};
+using DispatchHeader = std::array<int64_t, kHeaderLen>;
+constexpr int64_t kHeaderMagic = 0x45504d4f45;  // "EPMOE"
+
+// Compares a peer's header with ours; returns "" when they agree, else a message naming the field and both values.
+std::string check_peer_header(const DispatchHeader& mine, const DispatchHeader& theirs, int my_rank, int peer_rank);
+
+}  // namespace epmoe::core

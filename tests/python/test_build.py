@@ -3,9 +3,8 @@
 import os
 import shutil
 
-import torch
-
 import epmoe
+import torch
 from epmoe import _loader
 
 
@@ -18,7 +17,8 @@ def test_build_info_matches_torch():
 def test_cuda_build_follows_torch():
     # CUDA kernels are compiled exactly when torch is a CUDA build (and nvcc exists on the build machine):
     # a CUDA torch without registered CUDA impls would silently fall back to nothing.
-    nvcc = shutil.which("nvcc") or os.path.exists(os.path.join(os.environ.get("CUDA_HOME", "/usr/local/cuda"), "bin/nvcc"))
+    cuda_home = os.environ.get("CUDA_HOME", "/usr/local/cuda")
+    nvcc = shutil.which("nvcc") or os.path.exists(os.path.join(cuda_home, "bin", "nvcc"))
     if torch.version.cuda is None:
         assert not epmoe.has_cuda_kernels()
     elif nvcc:

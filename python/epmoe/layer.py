@@ -1,0 +1,367 @@
+"""The expert-parallel MoE layer: router GEMM -> fused routing -> replica choice -> dispatch -> grouped SwiGLU on
+this rank's experts -> combine, plus shared experts computed while the dispatch is in flight. Balanced by EPLB."""
+
+from __future__ import annotations
+
+import dataclasses
+from dataclasses import dataclass
+
+import torch
+import torch.distributed as dist
+import torch.nn.functional as F
+from torch import nn
+
+from epmoe import eplb
+from epmoe.experts import experts_forward, grouped_swiglu_experts
+from epmoe.ops import route
+
+__all__ = ["MoEConfig", "MoE"]
+
+_SCORINGS = ("softmax", "sigmoid")
+_MODES = ("exact", "capacity")
+
+
+@dataclass
+class MoEConfig:
+    """Configuration of an `epmoe.MoE` layer.
+
+    Routing follows DESIGN §3 (`epmoe.route`): `scoring`, `num_groups`/`topk_groups`, an optional fp32 correction
+    bias (`use_bias`, selection only), `renormalize`, then `scaling_factor`. Shared experts are a dense SwiGLU MLP of
+    `shared_intermediate_size` (default `moe_intermediate_size * num_shared_experts`) replicated on every rank.
+    `num_redundant_experts` extra physical slots hold EPLB replicas of hot experts; `(num_experts +
+    num_redundant_experts)` must be divisible by the EP size. Load is recorded over the last `eplb_window` forward
+    calls; `eplb_interval > 0` rebalances automatically every that many training forwards.
+    """
+
+    hidden_size: int
+    moe_intermediate_size: int
+    num_experts: int
+    top_k: int
+    scoring: str = "softmax"
+    num_groups: int = 1
+    topk_groups: int = 1
+    use_bias: bool = False
+    renormalize: bool = True
+    scaling_factor: float = 1.0
+    num_shared_experts: int = 0
+    shared_intermediate_size: int | None = None
+    dtype: torch.dtype = torch.float32
+    exchange_mode: str = "exact"
+    capacity: int | None = None
+    num_redundant_experts: int = 0
+    record_load: bool = True
+    eplb_window: int = 16
+    eplb_interval: int = 0
+
+    def validate(self, num_ranks: int) -> None:
+        """Raises ValueError naming the offending field."""
+        for name in ("hidden_size", "moe_intermediate_size", "num_experts", "top_k", "num_groups", "topk_groups"):
+            value = getattr(self, name)
+            if not isinstance(value, int) or value < 1:
+                raise ValueError(f"MoEConfig.{name} must be a positive int, got {value!r}")
+        if self.scoring not in _SCORINGS:
+            raise ValueError(f"MoEConfig.scoring must be one of {_SCORINGS}, got {self.scoring!r}")
+        if self.exchange_mode not in _MODES:
+            raise ValueError(f"MoEConfig.exchange_mode must be one of {_MODES}, got {self.exchange_mode!r}")
+        if self.num_experts % self.num_groups != 0:
+            raise ValueError(
+                f"MoEConfig.num_experts ({self.num_experts}) must be divisible by num_groups ({self.num_groups})"
+            )
+        if self.topk_groups > self.num_groups:
+            raise ValueError(f"MoEConfig.topk_groups ({self.topk_groups}) > num_groups ({self.num_groups})")
+        candidates = self.topk_groups * self.num_experts // self.num_groups
+        if self.top_k > candidates:
+            raise ValueError(f"MoEConfig.top_k ({self.top_k}) > the {candidates} experts of the kept groups")
+        if self.num_redundant_experts < 0:
+            raise ValueError(f"MoEConfig.num_redundant_experts must be >= 0, got {self.num_redundant_experts}")
+        if self.num_shared_experts < 0:
+            raise ValueError(f"MoEConfig.num_shared_experts must be >= 0, got {self.num_shared_experts}")
+        if self.dtype not in (torch.float32, torch.bfloat16, torch.float16):
+            raise ValueError(f"MoEConfig.dtype must be float32, bfloat16 or float16, got {self.dtype}")
+        num_slots = self.num_experts + self.num_redundant_experts
+        if num_slots % num_ranks != 0:
+            auto = eplb.num_redundant_auto(self.num_experts, num_ranks)
+            raise ValueError(
+                f"MoEConfig: num_experts + num_redundant_experts ({num_slots}) must be divisible by the EP size "
+                f"({num_ranks}); num_redundant_experts={auto} would do"
+            )
+
+    @property
+    def num_slots(self) -> int:
+        return self.num_experts + self.num_redundant_experts
+
+    @property
+    def shared_size(self) -> int:
+        if self.shared_intermediate_size is not None:
+            return self.shared_intermediate_size
+        return self.moe_intermediate_size * self.num_shared_experts
+
+
+class _SharedExperts(nn.Module):
+    """Dense SwiGLU MLP (HF layout: gate_proj, up_proj, down_proj without bias), replicated on every rank."""
+
+    def __init__(self, hidden_size: int, intermediate_size: int, dtype: torch.dtype):
+        super().__init__()
+        self.gate_proj = nn.Linear(hidden_size, intermediate_size, bias=False, dtype=dtype)
+        self.up_proj = nn.Linear(hidden_size, intermediate_size, bias=False, dtype=dtype)
+        self.down_proj = nn.Linear(intermediate_size, hidden_size, bias=False, dtype=dtype)
+
+    def forward(self, x: torch.Tensor) -> torch.Tensor:
+        return self.down_proj(F.silu(self.gate_proj(x)) * self.up_proj(x))
+
+
+class MoE(nn.Module):
+    """Expert-parallel MoE layer (gate + routed experts sharded over the EP group + shared experts).
+
+    Each rank holds only the weights of its physical expert slots: `w13 [num_local_slots, 2I, H]` (gate rows then
+    up rows) and `w2 [num_local_slots, H, I]`. Rank r owns slots `[r*P/R, (r+1)*P/R)` of the current EPLB placement
+    (`self.placement`, P = num_experts + num_redundant_experts). The gate weight, the correction bias and the shared
+    experts are replicated; in data-parallel training their gradients are summed over the EP group by
+    `allreduce_replicated_grads()` (or by the caller's DDP).
+
+    With `process_group=None` and torch.distributed not initialized the layer runs in one process (EP size 1).
+
+    forward(hidden_states [..., H]) -> [..., H] in hidden_states.dtype.
+    """
+
+    def __init__(self, config: MoEConfig, process_group: dist.ProcessGroup | None = None, *, layer_idx: int = 0):
+        super().__init__()
+        self.distributed = process_group is not None or (dist.is_available() and dist.is_initialized())
+        if self.distributed:
+            self.group = process_group if process_group is not None else dist.group.WORLD
+            self.rank = dist.get_rank(self.group)
+            self.num_ranks = dist.get_world_size(self.group)
+        else:
+            self.group, self.rank, self.num_ranks = None, 0, 1
+        config.validate(self.num_ranks)
+        self.config = dataclasses.replace(config)
+        self.layer_idx = layer_idx
+        cfg = self.config
+        hidden, inter = cfg.hidden_size, cfg.moe_intermediate_size
+        self.num_local_slots = cfg.num_slots // self.num_ranks
+
+        # Initial placement: a plan for uniform load (replicas spread over ranks, identity when no redundancy).
+        uniform = torch.ones(1, cfg.num_experts, dtype=torch.float64)
+        self.placement = eplb.plan(uniform, cfg.num_slots, self.num_ranks)
+
+        self.gate_weight = nn.Parameter(torch.empty(cfg.num_experts, hidden, dtype=torch.float32))
+        if cfg.use_bias:
+            self.register_buffer("e_score_correction_bias", torch.zeros(cfg.num_experts, dtype=torch.float32))
+        else:
+            self.e_score_correction_bias = None
+        self.w13 = nn.Parameter(torch.empty(self.num_local_slots, 2 * inter, hidden, dtype=cfg.dtype))
+        self.w2 = nn.Parameter(torch.empty(self.num_local_slots, hidden, inter, dtype=cfg.dtype))
+        self.shared_experts = _SharedExperts(hidden, cfg.shared_size, cfg.dtype) if cfg.shared_size > 0 else None
+        self.reset_parameters()
+
+        self.ep = None
+        if self.distributed:
+            from epmoe.ep import EPGroup
+
+            self.ep = EPGroup(self.group)
+        self.recorder = eplb.LoadRecorder(num_layers=1, num_slots=cfg.num_slots, window_size=cfg.eplb_window)
+        self._install_placement(self.placement)
+        self._num_training_forwards = 0
+
+    def _install_placement(self, placement: eplb.Placement) -> None:
+        """Makes `placement` current: routing maps on the layer's device, load recorder restarted (slot ids changed
+        meaning)."""
+        device = self.gate_weight.device
+        self.placement = placement
+        self._log2phy = placement.log2phy[0].to(device)
+        self._logcnt = placement.logcnt[0].to(device)
+        if self.recorder.device != device:
+            self.recorder = eplb.LoadRecorder(1, self.config.num_slots, self.config.eplb_window, device=device)
+        self.recorder.reset()
+
+    # ---- parameters
+
+    def reset_parameters(self, generator: torch.Generator | None = None) -> None:
+        """Initialises all weights; logical expert e gets the same weights whatever the EP size (the full [E,...]
+        tensors are drawn from `generator` on every rank, then each rank keeps its slots)."""
+        cfg = self.config
+        hidden, inter = cfg.hidden_size, cfg.moe_intermediate_size
+        with torch.no_grad():
+            self.gate_weight.copy_(torch.randn(cfg.num_experts, hidden, generator=generator) / hidden**0.5)
+            full_w13 = torch.randn(cfg.num_experts, 2 * inter, hidden, generator=generator) / hidden**0.5
+            full_w2 = torch.randn(cfg.num_experts, hidden, inter, generator=generator) / inter**0.5
+            self.load_logical_experts(full_w13, full_w2)
+            if self.shared_experts is not None:
+                for lin in (self.shared_experts.gate_proj, self.shared_experts.up_proj, self.shared_experts.down_proj):
+                    fan_in = lin.weight.shape[1]
+                    lin.weight.copy_(torch.randn(lin.weight.shape, generator=generator) / fan_in**0.5)
+
+    def local_slot_experts(self) -> torch.Tensor:
+        """int64 [num_local_slots]: the logical expert held by each of this rank's slots."""
+        start = self.rank * self.num_local_slots
+        return self.placement.phy2log[0, start : start + self.num_local_slots]
+
+    @torch.no_grad()
+    def load_logical_experts(self, w13: torch.Tensor, w2: torch.Tensor) -> None:
+        """Copies this rank's slots from full logical weights w13 [E, 2I, H], w2 [E, H, I]."""
+        cfg = self.config
+        if tuple(w13.shape) != (cfg.num_experts, 2 * cfg.moe_intermediate_size, cfg.hidden_size):
+            raise ValueError(f"w13 must have shape [num_experts, 2*I, H], got {tuple(w13.shape)}")
+        if tuple(w2.shape) != (cfg.num_experts, cfg.hidden_size, cfg.moe_intermediate_size):
+            raise ValueError(f"w2 must have shape [num_experts, H, I], got {tuple(w2.shape)}")
+        experts = self.local_slot_experts().to(w13.device)
+        self.w13.copy_(w13.index_select(0, experts))
+        self.w2.copy_(w2.index_select(0, experts.to(w2.device)))
+
+    def replicated_parameters(self) -> list[nn.Parameter]:
+        """Parameters held in full by every rank (gate, shared experts)."""
+        params = [self.gate_weight]
+        if self.shared_experts is not None:
+            params += list(self.shared_experts.parameters())
+        return params
+
+    def allreduce_replicated_grads(self) -> None:
+        """Sums the gradients of the replicated parameters over the EP group (each rank saw different tokens)."""
+        if not self.distributed:
+            return
+        for p in self.replicated_parameters():
+            if p.grad is not None:
+                dist.all_reduce(p.grad, group=self.group)
+
+    # ---- state dict: experts are saved under their logical id, so a checkpoint loads at any EP size
+
+    def _save_to_state_dict(self, destination, prefix, keep_vars):
+        super()._save_to_state_dict(destination, prefix, keep_vars)
+        destination.pop(prefix + "w13", None)
+        destination.pop(prefix + "w2", None)
+        log2phy = self.placement.log2phy[0]
+        start = self.rank * self.num_local_slots
+        for slot, expert in enumerate(self.local_slot_experts().tolist()):
+            if int(log2phy[expert, 0]) != start + slot:
+                continue  # a replica: the expert's first slot saves it
+            w13, w2 = self.w13[slot], self.w2[slot]
+            destination[f"{prefix}experts.{expert}.gate_up_proj"] = w13 if keep_vars else w13.detach()
+            destination[f"{prefix}experts.{expert}.down_proj"] = w2 if keep_vars else w2.detach()
+
+    def _load_from_state_dict(self, state_dict, prefix, local_metadata, strict, missing_keys, unexpected_keys,
+                              error_msgs):
+        expert_keys = {k for k in state_dict if k.startswith(prefix + "experts.")}
+        with torch.no_grad():
+            for slot, expert in enumerate(self.local_slot_experts().tolist()):
+                for name, param in (("gate_up_proj", self.w13), ("down_proj", self.w2)):
+                    key = f"{prefix}experts.{expert}.{name}"
+                    if key not in state_dict:
+                        missing_keys.append(key)
+                        continue
+                    value = state_dict[key]
+                    if tuple(value.shape) != tuple(param.shape[1:]):
+                        error_msgs.append(f"{key}: shape {tuple(value.shape)}, expected {tuple(param.shape[1:])}")
+                        continue
+                    param[slot].copy_(value)
+        # Experts held by other ranks are expected in a merged checkpoint: not unexpected here.
+        filtered = {k: v for k, v in state_dict.items() if k not in expert_keys}
+        super()._load_from_state_dict(filtered, prefix, local_metadata, strict, missing_keys, unexpected_keys,
+                                      error_msgs)
+        for key in ("w13", "w2"):
+            if prefix + key in missing_keys:
+                missing_keys.remove(prefix + key)
+
+    # ---- forward
+
+    def route(self, x: torch.Tensor) -> tuple[torch.Tensor, torch.Tensor]:
+        """Router GEMM in fp32 then fused routing. x [T, H] -> (topk_weights fp32 [T,k], topk_idx int32 [T,k])
+        with logical expert ids."""
+        cfg = self.config
+        logits = F.linear(x.float(), self.gate_weight)
+        return route(
+            logits,
+            cfg.top_k,
+            scoring=cfg.scoring,
+            num_groups=cfg.num_groups,
+            topk_groups=cfg.topk_groups,
+            bias=self.e_score_correction_bias,
+            renormalize=cfg.renormalize,
+            scaling_factor=cfg.scaling_factor,
+        )
+
+    def forward(self, hidden_states: torch.Tensor) -> torch.Tensor:
+        cfg = self.config
+        if hidden_states.shape[-1] != cfg.hidden_size:
+            raise ValueError(
+                f"hidden_states must end in hidden_size={cfg.hidden_size}, got shape {tuple(hidden_states.shape)}"
+            )
+        shape = hidden_states.shape
+        x = hidden_states.reshape(-1, cfg.hidden_size)
+        topk_weights, topk_idx = self.route(x)
+        if self._log2phy.device != x.device:  # the module was moved after the placement was installed
+            self._install_placement(self.placement)
+        # Replica choice: a hash of (token, slot, layer); the rank salts the token index so ranks spread differently.
+        slot_idx = eplb.map_to_physical(topk_idx, (self._log2phy, self._logcnt), self.layer_idx,
+                                        token_offset=self.rank << 24)
+        if cfg.record_load:
+            self.recorder.record(0, slot_idx)
+            self.recorder.step()
+        x_in = x.to(cfg.dtype)
+
+        if not self.distributed:
+            routed = experts_forward(x_in, slot_idx, topk_weights, self.w13, self.w2)
+            shared = self.shared_experts(x_in) if self.shared_experts is not None else None
+        else:
+            work = self.ep.dispatch(
+                x_in, slot_idx, topk_weights, cfg.num_slots, mode=cfg.exchange_mode, capacity=cfg.capacity,
+                async_op=True,
+            )
+            # Shared experts run while the tokens are in flight.
+            shared = self.shared_experts(x_in) if self.shared_experts is not None else None
+            dispatched = work.wait()
+            expert_out = grouped_swiglu_experts(dispatched.recv_x, dispatched.expert_offsets, self.w13, self.w2)
+            routed = self.ep.combine(expert_out, dispatched.handle)
+        out = routed if shared is None else routed + shared
+        if self.training:
+            self._num_training_forwards += 1
+            if cfg.eplb_interval > 0 and self._num_training_forwards % cfg.eplb_interval == 0:
+                self.rebalance()
+        return out.to(hidden_states.dtype).reshape(shape)
+
+    @classmethod
+    def from_hf(cls, block: nn.Module, process_group: dist.ProcessGroup | None = None) -> MoE:
+        """Builds the EP layer from a transformers MoE block (DeepseekV2/V3, Qwen3-MoE, Mixtral), copying its
+        weights; each rank keeps only its experts. See `epmoe.integrations.sharding`."""
+        from epmoe.integrations.sharding import moe_from_hf
+
+        return moe_from_hf(block, process_group)
+
+    # ---- EPLB
+
+    @torch.no_grad()
+    def rebalance(self, *, max_moves: int | None = None, extra_tensors: list[torch.Tensor] | None = None) -> dict:
+        """Plans a new placement from the recorded load window (summed over the EP group) and moves the expert
+        weights there. Outputs are unchanged: only where experts live changes. Collective over the EP group.
+
+        Arguments:
+            max_moves: repair the current placement with at most this many slot changes instead of planning afresh.
+            extra_tensors: other per-slot tensors to move with the weights (first dimension = local slot), e.g. the
+                optimizer's moment buffers of `w13` and `w2`.
+
+        Returns:
+            dict with "balancedness_before", "balancedness_after" (mean/max of per-rank load on the recorded
+            window) and "bytes_moved" (sent by this rank).
+        """
+        cfg = self.config
+        previous = self.placement
+        group = self.group if self.distributed else None
+        load = self.recorder.logical_load(previous.phy2log, cfg.num_experts, group=group).cpu()
+        new = eplb.plan(load, cfg.num_slots, self.num_ranks, previous=previous, max_moves=max_moves)
+        stats = {
+            "balancedness_before": float(eplb.balancedness(load, previous)[0]),
+            "balancedness_after": float(eplb.balancedness(load, new)[0]),
+            "bytes_moved": 0,
+        }
+        if new == previous:
+            return stats
+        tensors = [self.w13.data, self.w2.data] + list(extra_tensors or [])
+        if self.distributed:
+            report = eplb.rearrange([tensors], previous, new, self.group)
+            stats["bytes_moved"] = int(report.bytes_sent)
+        else:
+            # One rank holds every slot: new slot s takes the old slot of its logical expert's first replica.
+            old_slot = previous.log2phy[0][new.phy2log[0], 0].to(self.w13.device)
+            for t in tensors:
+                t.copy_(t.index_select(0, old_slot))
+        self._install_placement(new)
+        return stats

@@ -52,8 +52,10 @@ std::vector<int64_t> read_offsets(const at::Tensor& expert_offsets, int64_t num_
 std::vector<Item> make_items(const std::vector<int64_t>& off, int64_t num_cols, int64_t row_tile) {
     std::vector<Item> row_items;
     for (size_t e = 0; e + 1 < off.size(); ++e) {
-        for (int64_t r = off[e]; r < off[e + 1]; r += row_tile) {
-            row_items.push_back({static_cast<int64_t>(e), r, std::min(off[e + 1], r + row_tile), 0, num_cols});
+        for (int64_t r = off[e]; r < off[e + 1];) {
+            const int64_t end = r + std::min(off[e + 1] - r, row_tile);
+            row_items.push_back({static_cast<int64_t>(e), r, end, 0, num_cols});
+            r = end;
         }
     }
     const int64_t target = 4 * static_cast<int64_t>(at::get_num_threads());

@@ -5,18 +5,18 @@
 // at::parallel_for and each calls the platform GEMM (MKL / oneDNN via at::mm_out) on segment views, writing into
 // the output buffer. Inside a parallel region the GEMM runs single-threaded, so the items do not oversubscribe.
 // Empty experts produce no item.
-#include <ATen/Dispatch.h>
 #include <ATen/Parallel.h>
 #include <ATen/core/Tensor.h>
 #include <ATen/ops/empty.h>
 #include <ATen/ops/empty_like.h>
 #include <ATen/ops/mm.h>
-#include <c10/util/BFloat16.h>
-#include <c10/util/Half.h>
+#include <ATen/ops/mul.h>
+#include <ATen/ops/rsub.h>
+#include <ATen/ops/sigmoid.h>
+#include <ATen/ops/silu.h>
 #include <torch/library.h>
 
 #include <algorithm>
-#include <cmath>
 #include <functional>
 #include <limits>
 #include <vector>
@@ -86,8 +86,6 @@ void zero_rows(at::Tensor& t, int64_t begin) {
     if (begin < t.size(0)) t.narrow(0, begin, t.size(0) - begin).zero_();
 }
 
-inline float silu(float g) { return g / (1.0f + std::exp(-g)); }
-
 at::Tensor grouped_swiglu_cpu(const at::Tensor& x, const at::Tensor& expert_offsets, const at::Tensor& w13) {
     experts::check_swiglu_args(x, expert_offsets, w13);
     const std::vector<int64_t> off = read_offsets(expert_offsets, x.size(0));
@@ -95,35 +93,26 @@ at::Tensor grouped_swiglu_cpu(const at::Tensor& x, const at::Tensor& expert_offs
     auto h = at::empty({x.size(0), inter}, x.options());
     zero_rows(h, off.back());
     const std::vector<Item> items = make_items(off, inter, kRowTile);
-    AT_DISPATCH_FLOATING_TYPES_AND2(at::kBFloat16, at::kHalf, x.scalar_type(), "grouped_swiglu", [&] {
-        run_items(items, [&](const Item& it) {
-            const int64_t m = it.row_end - it.row_begin, n = it.col_end - it.col_begin;
-            const at::Tensor x_tile = x.narrow(0, it.row_begin, m);
-            const at::Tensor w_e = w13.select(0, it.expert);
-            at::Tensor gate, up;
-            if (n == inter) {  // one GEMM over the gate and up rows together
-                const at::Tensor gu = at::mm(x_tile, w_e.t());
-                gate = gu.narrow(1, 0, inter);
-                up = gu.narrow(1, inter, inter);
-            } else {
-                gate = at::mm(x_tile, w_e.narrow(0, it.col_begin, n).t());
-                up = at::mm(x_tile, w_e.narrow(0, inter + it.col_begin, n).t());
-            }
-            // NOTES: the GEMM accumulates in fp32; for bf16/fp16 its result is rounded to the input dtype once
-            // (the CPU BLAS offers no fp32 output for 16-bit inputs through ATen), and the activation then runs
-            // in fp32 on those values, as the transformers experts do.
-            const int64_t ld = gate.stride(0);
-            const scalar_t* g_ptr = gate.data_ptr<scalar_t>();
-            const scalar_t* u_ptr = up.data_ptr<scalar_t>();
-            scalar_t* h_ptr = h.data_ptr<scalar_t>() + it.row_begin * inter + it.col_begin;
-            for (int64_t r = 0; r < m; ++r) {
-                for (int64_t c = 0; c < n; ++c) {
-                    const float g = static_cast<float>(g_ptr[r * ld + c]);
-                    const float u = static_cast<float>(u_ptr[r * ld + c]);
-                    h_ptr[r * inter + c] = static_cast<scalar_t>(silu(g) * u);
-                }
-            }
-        });
+    run_items(items, [&](const Item& it) {
+        const int64_t m = it.row_end - it.row_begin, n = it.col_end - it.col_begin;
+        const at::Tensor x_tile = x.narrow(0, it.row_begin, m);
+        const at::Tensor w_e = w13.select(0, it.expert);
+        at::Tensor gate, up;
+        if (n == inter) {  // one GEMM over the gate and up rows together
+            const at::Tensor gu = at::mm(x_tile, w_e.t());
+            gate = gu.narrow(1, 0, inter);
+            up = gu.narrow(1, inter, inter);
+        } else {
+            gate = at::mm(x_tile, w_e.narrow(0, it.col_begin, n).t());
+            up = at::mm(x_tile, w_e.narrow(0, inter + it.col_begin, n).t());
+        }
+        // NOTES: the GEMM accumulates in fp32; for bf16/fp16 its result is rounded to the input dtype once (the
+        // CPU BLAS offers no fp32 output for 16-bit inputs through ATen). The activation then runs in fp32 on
+        // the cache-resident tile (vectorised ATen kernels) and is rounded once into h.
+        at::Tensor act = gate.to(at::kFloat);
+        at::silu_(act);
+        act.mul_(up);
+        h.narrow(0, it.row_begin, m).narrow(1, it.col_begin, n).copy_(act);
     });
     return h;
 }
@@ -168,24 +157,20 @@ at::Tensor swiglu_backward_cpu(const at::Tensor& grad_h, const at::Tensor& gu) {
     experts::check_swiglu_backward_args(grad_h, gu);
     const int64_t num_rows = grad_h.size(0), inter = grad_h.size(1);
     auto grad_gu = at::empty_like(gu);
-    AT_DISPATCH_FLOATING_TYPES_AND2(at::kBFloat16, at::kHalf, gu.scalar_type(), "swiglu_backward", [&] {
-        const scalar_t* gh = grad_h.data_ptr<scalar_t>();
-        const scalar_t* gu_ptr = gu.data_ptr<scalar_t>();
-        scalar_t* out = grad_gu.data_ptr<scalar_t>();
-        const int64_t grain = std::max<int64_t>(1, 16384 / std::max<int64_t>(inter, 1));
-        at::parallel_for(0, num_rows, grain, [&](int64_t begin, int64_t end) {
-            for (int64_t r = begin; r < end; ++r) {
-                for (int64_t c = 0; c < inter; ++c) {
-                    const float g = static_cast<float>(gu_ptr[r * 2 * inter + c]);
-                    const float u = static_cast<float>(gu_ptr[r * 2 * inter + inter + c]);
-                    const float dh = static_cast<float>(gh[r * inter + c]);
-                    const float s = 1.0f / (1.0f + std::exp(-g));
-                    // silu(g) = g * s; silu'(g) = s * (1 + g * (1 - s))
-                    out[r * 2 * inter + c] = static_cast<scalar_t>(dh * u * s * (1.0f + g * (1.0f - s)));
-                    out[r * 2 * inter + inter + c] = static_cast<scalar_t>(dh * g * s);
-                }
-            }
-        });
+    // Row chunks of ~64 KiB of fp32 temporaries each, computed with vectorised ATen kernels in fp32.
+    const int64_t grain = std::max<int64_t>(1, 16384 / std::max<int64_t>(inter, 1));
+    at::parallel_for(0, num_rows, grain, [&](int64_t begin, int64_t end) {
+        const at::Tensor gu_rows = gu.narrow(0, begin, end - begin);
+        const at::Tensor gate = gu_rows.narrow(1, 0, inter).to(at::kFloat);
+        const at::Tensor up = gu_rows.narrow(1, inter, inter).to(at::kFloat);
+        const at::Tensor dh = grad_h.narrow(0, begin, end - begin).to(at::kFloat);
+        const at::Tensor s = at::sigmoid(gate);
+        at::Tensor out_rows = grad_gu.narrow(0, begin, end - begin);
+        // silu(g) = g * s; silu'(g) = s * (1 + g * (1 - s))
+        out_rows.narrow(1, inter, inter).copy_(at::mul(dh, gate).mul_(s));
+        at::Tensor d_gate = at::rsub(s, 1.0);
+        d_gate.mul_(gate).add_(1.0).mul_(s).mul_(up).mul_(dh);
+        out_rows.narrow(1, 0, inter).copy_(d_gate);
     });
     return grad_gu;
 }

@@ -15,9 +15,8 @@ import platform
 import statistics
 import time
 
-import torch
-
 import epmoe
+import torch
 from epmoe.integrations import transformers as epmoe_transformers
 
 NUM_EXPERTS, HIDDEN, INTER, TOP_K = 64, 1024, 512, 6

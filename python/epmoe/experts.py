@@ -234,6 +234,9 @@ def grouped_swiglu_experts(
             f"w2 must have shape [num_experts, H, I] = [{w13.shape[0]}, {rows.shape[-1]}, {w13.shape[1] // 2}] "
             f"to match rows {tuple(rows.shape)} and w13 {tuple(w13.shape)}, got {tuple(w2.shape)}"
         )
+    for name, t in (("expert_offsets", expert_offsets), ("w13", w13), ("w2", w2)):
+        if t.device != rows.device:
+            raise ValueError(f"{name} must be on {rows.device} like the rows, got {t.device}")
     if w2.dtype != rows.dtype:
         raise TypeError(f"w2 must have the dtype of the rows ({rows.dtype}), got {w2.dtype}")
     return _GroupedSwiGLUExperts.apply(rows, expert_offsets, w13, w2)
@@ -272,6 +275,12 @@ def experts_forward(
             f"x must be [T, H] and topk_idx [T, k] with the same T, got x {tuple(x.shape)} and topk_idx "
             f"{tuple(topk_idx.shape)}"
         )
+    named = [("topk_idx", topk_idx), ("topk_weights", topk_weights), ("w13", w13), ("w2", w2)]
+    if expert_map is not None:
+        named.append(("expert_map", expert_map))
+    for name, t in named:
+        if t.device != x.device:
+            raise ValueError(f"{name} must be on {x.device} like x, got {t.device}")
     if topk_weights.shape != topk_idx.shape:
         raise ValueError(
             f"topk_weights must have the shape of topk_idx {tuple(topk_idx.shape)}, got {tuple(topk_weights.shape)}"

@@ -137,7 +137,7 @@ def test_experts_forward_gradients_match_reference(dtype):
     ref = experts_forward_reference(ref_leaves[0], ids, ref_leaves[1], ref_leaves[2], ref_leaves[3])
     ref_grads = torch.autograd.grad(ref, ref_leaves, grad.float())
     tol = {"atol": 1e-4, "rtol": 1e-4} if dtype == torch.float32 else {"atol": 6e-2, "rtol": 6e-2}
-    for name, g, r in zip(("x", "topk_weights", "w13", "w2"), grads, ref_grads):
+    for name, g, r in zip(("x", "topk_weights", "w13", "w2"), grads, ref_grads, strict=True):
         assert g.dtype == (torch.float32 if name == "topk_weights" else dtype), name
         torch.testing.assert_close(g.float(), r, **tol, msg=lambda m, n=name: f"grad of {n}: {m}")
 
@@ -183,7 +183,7 @@ def test_experts_forward_deterministic():
         out = epmoe.experts_forward(leaves[0], ids, leaves[1], leaves[2], leaves[3])
         runs.append([out.detach()] + list(torch.autograd.grad(out.float().square().sum(), leaves)))
     for again in runs[1:]:
-        assert all(torch.equal(a, b) for a, b in zip(runs[0], again))
+        assert all(torch.equal(a, b) for a, b in zip(runs[0], again, strict=True))
 
 
 def test_grouped_swiglu_experts_on_permuted_rows():
@@ -211,7 +211,7 @@ def test_experts_forward_torch_compile():
     grads = torch.autograd.grad(out.sum(), leaves)
     eager_leaves = [t.clone().requires_grad_() for t in (x, weights, w13, w2)]
     eager_out = epmoe.experts_forward(eager_leaves[0], ids, eager_leaves[1], eager_leaves[2], eager_leaves[3])
-    for g, r in zip(grads, torch.autograd.grad(eager_out.sum(), eager_leaves)):
+    for g, r in zip(grads, torch.autograd.grad(eager_out.sum(), eager_leaves), strict=True):
         torch.testing.assert_close(g, r, atol=0, rtol=0)
 
 

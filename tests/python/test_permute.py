@@ -19,7 +19,8 @@ def random_ids(num_tokens, num_topk, num_experts, gen, skip_frac=0.0, distinct=T
 def assert_layout_equal(ids, num_experts, expert_map=None):
     got = moe_layout(ids, num_experts, expert_map)
     want = moe_layout_reference(ids, num_experts, expert_map)
-    for name, g, w in zip(("tokens_per_expert", "expert_offsets", "slot_to_row", "row_to_slot"), got, want):
+    names = ("tokens_per_expert", "expert_offsets", "slot_to_row", "row_to_slot")
+    for name, g, w in zip(names, got, want, strict=True):
         assert g.dtype == w.dtype, name
         assert torch.equal(g, w), name
     return got
@@ -150,7 +151,7 @@ def test_layout_and_permute_are_deterministic():
     rows = moe_permute(x, first[3], 4)
     for _ in range(3):
         again = moe_layout(ids, 33)
-        assert all(torch.equal(a, b) for a, b in zip(first, again))
+        assert all(torch.equal(a, b) for a, b in zip(first, again, strict=True))
         assert torch.equal(moe_permute(x, again[3], 4), rows)
 
 

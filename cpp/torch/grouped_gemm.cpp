@@ -17,6 +17,7 @@
 #include <torch/library.h>
 
 #include <algorithm>
+#include <atomic>
 #include <functional>
 #include <limits>
 #include <vector>
@@ -75,9 +76,16 @@ std::vector<Item> make_items(const std::vector<int64_t>& off, int64_t num_cols, 
     return items;
 }
 
+// Runs the items on the intra-op threads, each thread taking the next unclaimed item (segments differ in size
+// under skewed routing, so a static split of the item list would leave a core idle).
 void run_items(const std::vector<Item>& items, const std::function<void(const Item&)>& fn) {
-    at::parallel_for(0, static_cast<int64_t>(items.size()), 1, [&](int64_t begin, int64_t end) {
-        for (int64_t i = begin; i < end; ++i) fn(items[i]);
+    const int64_t num_items = static_cast<int64_t>(items.size());
+    const int64_t num_workers = std::min<int64_t>(at::get_num_threads(), num_items);
+    std::atomic<int64_t> next{0};
+    at::parallel_for(0, num_workers, 1, [&](int64_t begin, int64_t end) {
+        for (int64_t w = begin; w < end; ++w) {
+            for (int64_t i = next.fetch_add(1); i < num_items; i = next.fetch_add(1)) fn(items[i]);
+        }
     });
 }
 
@@ -153,14 +161,10 @@ at::Tensor grouped_gemm_wgrad_cpu(const at::Tensor& grad_out, const at::Tensor& 
     return out;
 }
 
-at::Tensor swiglu_backward_cpu(const at::Tensor& grad_h, const at::Tensor& gu) {
-    experts::check_swiglu_backward_args(grad_h, gu);
-    const int64_t num_rows = grad_h.size(0), inter = grad_h.size(1);
-    auto grad_gu = at::empty_like(gu);
-    // Row chunks of ~64 KiB of fp32 temporaries each, computed with vectorised ATen kernels in fp32.
-    const int64_t grain = std::max<int64_t>(1, 16384 / std::max<int64_t>(inter, 1));
-    at::parallel_for(0, num_rows, grain, [&](int64_t begin, int64_t end) {
-        const at::Tensor gu_rows = gu.narrow(0, begin, end - begin);
+void swiglu_backward_rows(const at::Tensor& grad_h, const at::Tensor& gu, at::Tensor& grad_gu, int64_t begin,
+                          int64_t end) {
+    const int64_t inter = grad_h.size(1);
+    const at::Tensor gu_rows = gu.narrow(0, begin, end - begin);
         const at::Tensor gate = gu_rows.narrow(1, 0, inter).to(at::kFloat);
         const at::Tensor up = gu_rows.narrow(1, inter, inter).to(at::kFloat);
         const at::Tensor dh = grad_h.narrow(0, begin, end - begin).to(at::kFloat);
@@ -171,6 +175,19 @@ at::Tensor swiglu_backward_cpu(const at::Tensor& grad_h, const at::Tensor& gu) {
         at::Tensor d_gate = at::rsub(s, 1.0);
         d_gate.mul_(gate).add_(1.0).mul_(s).mul_(up).mul_(dh);
         out_rows.narrow(1, 0, inter).copy_(d_gate);
+}
+
+at::Tensor swiglu_backward_cpu(const at::Tensor& grad_h, const at::Tensor& gu) {
+    experts::check_swiglu_backward_args(grad_h, gu);
+    const int64_t num_rows = grad_h.size(0), inter = grad_h.size(1);
+    auto grad_gu = at::empty_like(gu);
+    if (num_rows == 0) return grad_gu;
+    // Blocks of ~64 KiB of fp32 temporaries each (cache-resident), computed with vectorised ATen kernels.
+    const int64_t block = std::max<int64_t>(1, 16384 / std::max<int64_t>(inter, 1));
+    at::parallel_for(0, (num_rows + block - 1) / block, 1, [&](int64_t block_begin, int64_t block_end) {
+        for (int64_t b = block_begin; b < block_end; ++b) {
+            swiglu_backward_rows(grad_h, gu, grad_gu, b * block, std::min(num_rows, (b + 1) * block));
+        }
     });
     return grad_gu;
 }

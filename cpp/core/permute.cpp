@@ -1,0 +1,80 @@
+#include "cpp/core/permute.h"
+
+#include <cstring>
+
+namespace epmoe::core {
+namespace {
+
+// Local expert of a slot id, -1 when skipped; -2 when the id is out of range.
+inline int32_t local_expert(const LayoutParams& p, const int32_t* expert_map, int32_t id) {
+    if (id == -1) return -1;
+    if (expert_map == nullptr) return (id >= 0 && id < p.num_experts) ? id : -2;
+    if (id < 0 || id >= p.num_map_entries) return -2;
+    return expert_map[id];  // validated by the caller to lie in [-1, num_experts)
+}
+
+}  // namespace
+
+int64_t layout_count(const LayoutParams& p, const int32_t* topk_idx, const int32_t* expert_map, int64_t token_begin,
+                     int64_t token_end, int64_t* counts) {
+    std::memset(counts, 0, sizeof(int64_t) * p.num_experts);
+    for (int64_t f = token_begin * p.num_topk; f < token_end * p.num_topk; ++f) {
+        const int32_t e = local_expert(p, expert_map, topk_idx[f]);
+        if (e == -2) return f;
+        if (e >= 0) ++counts[e];
+    }
+    return -1;
+}
+
+void layout_offsets(const int64_t* chunk_counts, int num_chunks, int num_experts, int64_t* tokens_per_expert,
+                    int64_t* expert_offsets, int64_t* chunk_cursors) {
+    int64_t row = 0;
+    expert_offsets[0] = 0;
+    for (int e = 0; e < num_experts; ++e) {
+        // NOTES: chunks are token ranges in ascending order, so giving each chunk its rows in chunk order keeps
+        // the rows of an expert in ascending flat-slot order.
+        for (int c = 0; c < num_chunks; ++c) {
+            chunk_cursors[static_cast<int64_t>(c) * num_experts + e] = row;
+            row += chunk_counts[static_cast<int64_t>(c) * num_experts + e];
+        }
+        tokens_per_expert[e] = row - expert_offsets[e];
+        expert_offsets[e + 1] = row;
+    }
+}
+
+void layout_place(const LayoutParams& p, const int32_t* topk_idx, const int32_t* expert_map, int64_t token_begin,
+                  int64_t token_end, int64_t* cursors, int32_t* slot_to_row, int32_t* row_to_slot) {
+    for (int64_t f = token_begin * p.num_topk; f < token_end * p.num_topk; ++f) {
+        const int32_t e = local_expert(p, expert_map, topk_idx[f]);
+        if (e < 0) {
+            slot_to_row[f] = -1;
+            continue;
+        }
+        const int64_t row = cursors[e]++;
+        slot_to_row[f] = static_cast<int32_t>(row);
+        row_to_slot[row] = static_cast<int32_t>(f);
+    }
+}
+
+void permute_rows(const void* x, int64_t row_bytes, const int32_t* row_to_slot, int num_topk, int64_t row_begin,
+                  int64_t row_end, void* rows) {
+    const char* src = static_cast<const char*>(x);
+    char* dst = static_cast<char*>(rows);
+    for (int64_t r = row_begin; r < row_end; ++r) {
+        const int32_t f = row_to_slot[r];
+        if (f < 0) {
+            std::memset(dst + r * row_bytes, 0, row_bytes);
+        } else {
+            std::memcpy(dst + r * row_bytes, src + static_cast<int64_t>(f / num_topk) * row_bytes, row_bytes);
+        }
+    }
+}
+
+int64_t find_out_of_range(const int32_t* values, int64_t n, int64_t lo, int64_t hi) {
+    for (int64_t i = 0; i < n; ++i) {
+        if (values[i] < lo || values[i] >= hi) return i;
+    }
+    return -1;
+}
+
+}  // namespace epmoe::core

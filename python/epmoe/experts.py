@@ -1,0 +1,295 @@
+"""Local expert path: token permutation and grouped SwiGLU experts, with autograd.
+
+Typed wrappers of the torch.ops.epmoe expert-path ops (validation lives in the C++ ops), their fake impls for
+torch.compile, and the two autograd-enabled entry points:
+
+* `grouped_swiglu_experts(rows, expert_offsets, w13, w2)`: the SwiGLU MLP on expert-major rows (what the EP layer
+  runs on the rows it receives from dispatch);
+* `experts_forward(x, topk_idx, topk_weights, w13, w2)`: layout -> permute -> grouped SwiGLU -> down GEMM ->
+  weighted unpermute (HF experts semantics, DESIGN.md §2/§3).
+
+Row capacity is always T*k rows, so no shape depends on the routing; rows at index >= expert_offsets[-1] are padding
+and zero in every op output.
+"""
+
+from __future__ import annotations
+
+import torch
+
+from epmoe import _loader  # noqa: F401  (loads _C, which registers the ops)
+
+__all__ = [
+    "moe_layout",
+    "moe_permute",
+    "moe_unpermute",
+    "moe_unpermute_backward",
+    "grouped_swiglu",
+    "grouped_gemm",
+    "grouped_gemm_wgrad",
+    "swiglu_backward",
+    "grouped_swiglu_experts",
+    "experts_forward",
+]
+
+_ops = torch.ops.epmoe
+
+
+# ---------------------------------------------------------------------------------------------------------------
+# Typed wrappers
+
+
+def moe_layout(
+    topk_idx: torch.Tensor, num_experts: int, expert_map: torch.Tensor | None = None
+) -> tuple[torch.Tensor, torch.Tensor, torch.Tensor, torch.Tensor]:
+    """Expert-major layout of the routed slots (flat slot f = t*k + j; ascending f inside an expert).
+
+    Arguments:
+        topk_idx: int32 [T, k] expert ids, -1 = skipped slot. Without `expert_map` ids lie in [-1, num_experts).
+        num_experts: number of (local) experts the rows are segmented over.
+        expert_map: optional int32 [E_global], values in [-1, num_experts): ids (then in [-1, E_global)) are mapped
+            through it first, and -1 after mapping means "not local" (skipped).
+
+    Returns:
+        tokens_per_expert: int64 [num_experts].
+        expert_offsets: int64 [num_experts + 1], exclusive prefix sum ([0] = 0).
+        slot_to_row: int32 [T, k], row of each slot, -1 for skipped slots.
+        row_to_slot: int32 [T*k], flat slot of each row, -1 for padding rows >= expert_offsets[-1].
+    """
+    return _ops.moe_layout(topk_idx, num_experts, expert_map)
+
+
+def moe_permute(x: torch.Tensor, row_to_slot: torch.Tensor, num_topk: int) -> torch.Tensor:
+    """rows [T*k, H] (x.dtype) with rows[r] = x[row_to_slot[r] // num_topk], zero where row_to_slot[r] == -1.
+
+    x: [T, H] float32 / bfloat16 / float16; row_to_slot: int32 [T*k] from `moe_layout`.
+    """
+    return _ops.moe_permute(x, row_to_slot, num_topk)
+
+
+def moe_unpermute(rows: torch.Tensor, slot_to_row: torch.Tensor, topk_weights: torch.Tensor) -> torch.Tensor:
+    """out [T, H] (rows.dtype), out[t] = sum_j topk_weights[t, j] * rows[slot_to_row[t, j]], in fp32, ascending j.
+
+    rows: [T*k, H]; slot_to_row: int32 [T, k] (-1 slots skipped); topk_weights: float32 [T, k].
+    """
+    return _ops.moe_unpermute(rows, slot_to_row, topk_weights)
+
+
+def moe_unpermute_backward(
+    grad_out: torch.Tensor, rows: torch.Tensor, slot_to_row: torch.Tensor, topk_weights: torch.Tensor
+) -> tuple[torch.Tensor, torch.Tensor]:
+    """Gradients of `moe_unpermute`: grad_rows [T*k, H] (rows.dtype; unreferenced rows zero) and
+    grad_topk_weights float32 [T, k] = <grad_out[t], rows[slot_to_row[t, j]]> (0 for skipped slots)."""
+    return _ops.moe_unpermute_backward(grad_out, rows, slot_to_row, topk_weights)
+
+
+def grouped_swiglu(x: torch.Tensor, expert_offsets: torch.Tensor, w13: torch.Tensor) -> torch.Tensor:
+    """h [R, I] (x.dtype), h_e = silu(x_e @ gate_e^T) * (x_e @ up_e^T) per expert segment, fp32 accumulation.
+
+    x: [R, H] expert-major rows; expert_offsets: int64 [E + 1]; w13: [E, 2I, H], gate rows then up rows.
+    """
+    return _ops.grouped_swiglu(x, expert_offsets, w13)
+
+
+def grouped_gemm(a: torch.Tensor, expert_offsets: torch.Tensor, w: torch.Tensor, trans_w: bool) -> torch.Tensor:
+    """out [R, N] (a.dtype): out_e = a_e @ w_e^T with w [E, N, K] (trans_w) or a_e @ w_e with w [E, K, N]."""
+    return _ops.grouped_gemm(a, expert_offsets, w, trans_w)
+
+
+def grouped_gemm_wgrad(grad_out: torch.Tensor, a: torch.Tensor, expert_offsets: torch.Tensor) -> torch.Tensor:
+    """[E, N, K] (a.dtype): out_e = grad_out_e^T @ a_e over the expert's rows (fp32 accumulation); empty experts 0."""
+    return _ops.grouped_gemm_wgrad(grad_out, a, expert_offsets)
+
+
+def swiglu_backward(grad_h: torch.Tensor, gu: torch.Tensor) -> torch.Tensor:
+    """grad_gu [R, 2I] (gu.dtype) of h = silu(gate) * up, from gu = (gate | up) [R, 2I] and grad_h [R, I]."""
+    return _ops.swiglu_backward(grad_h, gu)
+
+
+# ---------------------------------------------------------------------------------------------------------------
+# Fake impls (shapes never depend on data)
+
+
+@torch.library.register_fake("epmoe::moe_layout")
+def _moe_layout_fake(topk_idx, num_experts, expert_map):
+    torch._check(topk_idx.dim() == 2, lambda: "topk_idx must be 2-D [num_tokens, num_topk]")
+    num_tokens, num_topk = topk_idx.shape
+    return (
+        topk_idx.new_empty((num_experts,), dtype=torch.int64),
+        topk_idx.new_empty((num_experts + 1,), dtype=torch.int64),
+        topk_idx.new_empty((num_tokens, num_topk), dtype=torch.int32),
+        topk_idx.new_empty((num_tokens * num_topk,), dtype=torch.int32),
+    )
+
+
+@torch.library.register_fake("epmoe::moe_permute")
+def _moe_permute_fake(x, row_to_slot, num_topk):
+    torch._check(x.dim() == 2, lambda: "x must be 2-D [num_tokens, hidden]")
+    return x.new_empty((row_to_slot.shape[0], x.shape[1]))
+
+
+@torch.library.register_fake("epmoe::moe_unpermute")
+def _moe_unpermute_fake(rows, slot_to_row, topk_weights):
+    torch._check(rows.dim() == 2, lambda: "rows must be 2-D [num_rows, hidden]")
+    return rows.new_empty((slot_to_row.shape[0], rows.shape[1]))
+
+
+@torch.library.register_fake("epmoe::moe_unpermute_backward")
+def _moe_unpermute_backward_fake(grad_out, rows, slot_to_row, topk_weights):
+    return torch.empty_like(rows), torch.empty_like(topk_weights)
+
+
+@torch.library.register_fake("epmoe::grouped_swiglu")
+def _grouped_swiglu_fake(x, expert_offsets, w13):
+    torch._check(w13.dim() == 3, lambda: "w13 must be 3-D [num_experts, 2 * I, H]")
+    return x.new_empty((x.shape[0], w13.shape[1] // 2))
+
+
+@torch.library.register_fake("epmoe::grouped_gemm")
+def _grouped_gemm_fake(a, expert_offsets, w, trans_w):
+    torch._check(w.dim() == 3, lambda: "w must be 3-D")
+    return a.new_empty((a.shape[0], w.shape[1] if trans_w else w.shape[2]))
+
+
+@torch.library.register_fake("epmoe::grouped_gemm_wgrad")
+def _grouped_gemm_wgrad_fake(grad_out, a, expert_offsets):
+    return a.new_empty((expert_offsets.shape[0] - 1, grad_out.shape[1], a.shape[1]))
+
+
+@torch.library.register_fake("epmoe::swiglu_backward")
+def _swiglu_backward_fake(grad_h, gu):
+    return torch.empty_like(gu)
+
+
+# ---------------------------------------------------------------------------------------------------------------
+# Autograd
+
+
+class _GroupedSwiGLUExperts(torch.autograd.Function):
+    """y = down(silu(gate(rows)) * up(rows)) per expert segment. Backward recomputes the pre-activations."""
+
+    @staticmethod
+    def forward(ctx, rows, expert_offsets, w13, w2):
+        h = _ops.grouped_swiglu(rows, expert_offsets, w13)
+        y = _ops.grouped_gemm(h, expert_offsets, w2, True)
+        ctx.save_for_backward(rows, expert_offsets, w13, w2, h)
+        return y
+
+    @staticmethod
+    def backward(ctx, grad_y):
+        rows, expert_offsets, w13, w2, h = ctx.saved_tensors
+        grad_y = grad_y.contiguous()
+        grad_h = _ops.grouped_gemm(grad_y, expert_offsets, w2, False)  # [R, I]
+        grad_w2 = _ops.grouped_gemm_wgrad(grad_y, h, expert_offsets) if ctx.needs_input_grad[3] else None
+        gu = _ops.grouped_gemm(rows, expert_offsets, w13, True)  # [R, 2I] pre-activations
+        grad_gu = _ops.swiglu_backward(grad_h, gu)
+        grad_rows = _ops.grouped_gemm(grad_gu, expert_offsets, w13, False) if ctx.needs_input_grad[0] else None
+        grad_w13 = _ops.grouped_gemm_wgrad(grad_gu, rows, expert_offsets) if ctx.needs_input_grad[2] else None
+        return grad_rows, None, grad_w13, grad_w2
+
+
+class _Permute(torch.autograd.Function):
+    """rows = x gathered into the expert-major layout; its backward sums the rows of each token (weights 1)."""
+
+    @staticmethod
+    def forward(ctx, x, row_to_slot, slot_to_row, num_topk):
+        ctx.save_for_backward(slot_to_row)
+        return _ops.moe_permute(x, row_to_slot, num_topk)
+
+    @staticmethod
+    def backward(ctx, grad_rows):
+        (slot_to_row,) = ctx.saved_tensors
+        ones = torch.ones(slot_to_row.shape, dtype=torch.float32, device=slot_to_row.device)
+        return _ops.moe_unpermute(grad_rows.contiguous(), slot_to_row, ones), None, None, None
+
+
+class _Unpermute(torch.autograd.Function):
+    @staticmethod
+    def forward(ctx, rows, slot_to_row, topk_weights):
+        ctx.save_for_backward(rows, slot_to_row, topk_weights)
+        return _ops.moe_unpermute(rows, slot_to_row, topk_weights)
+
+    @staticmethod
+    def backward(ctx, grad_out):
+        rows, slot_to_row, topk_weights = ctx.saved_tensors
+        grad_rows, grad_weights = _ops.moe_unpermute_backward(grad_out.contiguous(), rows, slot_to_row, topk_weights)
+        return grad_rows, None, grad_weights
+
+
+def grouped_swiglu_experts(
+    rows: torch.Tensor, expert_offsets: torch.Tensor, w13: torch.Tensor, w2: torch.Tensor
+) -> torch.Tensor:
+    """SwiGLU MLP of each expert on its segment of expert-major rows, differentiable in rows, w13 and w2.
+
+    Arguments:
+        rows: [R, H] float32 / bfloat16 / float16, contiguous, segmented by `expert_offsets`.
+        expert_offsets: int64 [E + 1], expert_offsets[0] = 0, non-decreasing, expert_offsets[E] <= R.
+        w13: [E, 2I, H] in rows.dtype, gate rows then up rows (HF `gate_up_proj`).
+        w2: [E, H, I] in rows.dtype (HF `down_proj`).
+
+    Returns:
+        [R, H] in rows.dtype: rows of expert e = down_e(silu(gate_e(x)) * up_e(x)); padding rows are zero.
+    """
+    if w13.dim() != 3 or w2.dim() != 3 or w2.shape != (w13.shape[0], rows.shape[-1], w13.shape[1] // 2):
+        raise ValueError(
+            f"w2 must have shape [num_experts, H, I] = [{w13.shape[0]}, {rows.shape[-1]}, {w13.shape[1] // 2}] "
+            f"to match rows {tuple(rows.shape)} and w13 {tuple(w13.shape)}, got {tuple(w2.shape)}"
+        )
+    for name, t in (("expert_offsets", expert_offsets), ("w13", w13), ("w2", w2)):
+        if t.device != rows.device:
+            raise ValueError(f"{name} must be on {rows.device} like the rows, got {t.device}")
+    if w2.dtype != rows.dtype:
+        raise TypeError(f"w2 must have the dtype of the rows ({rows.dtype}), got {w2.dtype}")
+    return _GroupedSwiGLUExperts.apply(rows, expert_offsets, w13, w2)
+
+
+def experts_forward(
+    x: torch.Tensor,
+    topk_idx: torch.Tensor,
+    topk_weights: torch.Tensor,
+    w13: torch.Tensor,
+    w2: torch.Tensor,
+    *,
+    expert_map: torch.Tensor | None = None,
+) -> torch.Tensor:
+    """Routed experts with HF experts semantics, differentiable in x, topk_weights, w13 and w2.
+
+    Arguments:
+        x: [T, H] float32 / bfloat16 / float16, contiguous.
+        topk_idx: [T, k] int32 (int64 is converted) expert ids, -1 = skipped slot; ids lie in [-1, E) or, with
+            `expert_map`, in [-1, expert_map.numel()).
+        topk_weights: [T, k] routing weights; converted to float32 (the sum runs in fp32).
+        w13: [E, 2I, H] in x.dtype, gate rows then up rows (HF `gate_up_proj`).
+        w2: [E, H, I] in x.dtype (HF `down_proj`).
+        expert_map: optional int32 [E_global] -> local expert in [-1, E) (-1 = not on this rank, slot skipped).
+
+    Returns:
+        [T, H] in x.dtype: out[t] = sum_j w[t, j] * down_e(silu(gate_e(x_t)) * up_e(x_t)), e = topk_idx[t, j],
+        accumulated in fp32 in ascending j.
+    """
+    if topk_idx.dtype == torch.int64:
+        topk_idx = topk_idx.to(torch.int32)
+    if topk_weights.dtype != torch.float32 and topk_weights.is_floating_point():
+        topk_weights = topk_weights.float()
+    if x.dim() != 2 or topk_idx.dim() != 2 or topk_idx.shape[0] != x.shape[0]:
+        raise ValueError(
+            f"x must be [T, H] and topk_idx [T, k] with the same T, got x {tuple(x.shape)} and topk_idx "
+            f"{tuple(topk_idx.shape)}"
+        )
+    named = [("topk_idx", topk_idx), ("topk_weights", topk_weights), ("w13", w13), ("w2", w2)]
+    if expert_map is not None:
+        named.append(("expert_map", expert_map))
+    for name, t in named:
+        if t.device != x.device:
+            raise ValueError(f"{name} must be on {x.device} like x, got {t.device}")
+    if topk_weights.shape != topk_idx.shape:
+        raise ValueError(
+            f"topk_weights must have the shape of topk_idx {tuple(topk_idx.shape)}, got {tuple(topk_weights.shape)}"
+        )
+    if w13.dim() != 3:
+        raise ValueError(f"w13 must be 3-D [num_experts, 2 * I, H], got shape {tuple(w13.shape)}")
+    num_topk = topk_idx.shape[1]
+    with torch.no_grad():
+        _, expert_offsets, slot_to_row, row_to_slot = _ops.moe_layout(topk_idx, w13.shape[0], expert_map)
+    rows = _Permute.apply(x, row_to_slot, slot_to_row, num_topk)
+    y = grouped_swiglu_experts(rows, expert_offsets, w13, w2)
+    return _Unpermute.apply(y, slot_to_row, topk_weights)

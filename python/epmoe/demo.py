@@ -93,14 +93,14 @@ def _skewed_inputs(cfg, num_ranks: int, rank: int, num_tokens: int, seed: int):
 
 def _reference_forward(cfg, x, gate_weight, bias, w13, w2, shared):
     """Single-process reference: pure-torch routing and experts over all logical experts (epmoe.reference)."""
-    from epmoe import reference
+    from epmoe import reference, reference_experts
 
     logits = F.linear(x.float(), gate_weight)
     topk_weights, topk_idx = reference.route_reference(
         logits, cfg.top_k, scoring=cfg.scoring, num_groups=cfg.num_groups, topk_groups=cfg.topk_groups, bias=bias,
         renormalize=cfg.renormalize, scaling_factor=cfg.scaling_factor,
     )
-    out = reference.experts_reference(x.float(), topk_idx, topk_weights, w13.float(), w2.float())
+    out = reference_experts.experts_forward_reference(x.float(), topk_idx, topk_weights, w13.float(), w2.float())
     if shared is not None:
         g, u, d = (w.float() for w in shared)
         out = out + F.linear(F.silu(F.linear(x.float(), g)) * F.linear(x.float(), u), d)
@@ -156,7 +156,7 @@ def _run(rank, num_ranks, args, device, MoE, MoEConfig, eplb) -> dict:
 
     def run_phase(label: str) -> dict:
         moe.recorder.reset()
-        bytes_before = moe.ep.num_bytes_sent
+        bytes_before = moe.ep.bytes_sent
         times, out = [], None
         for step in range(args.steps):
             dist.barrier()
@@ -172,7 +172,7 @@ def _run(rank, num_ranks, args, device, MoE, MoEConfig, eplb) -> dict:
         step_time = torch.tensor(statistics.median(times))
         dist.all_reduce(step_time, op=dist.ReduceOp.MAX)
         total_tokens = args.tokens * num_ranks
-        sent = torch.tensor([float(moe.ep.num_bytes_sent - bytes_before) / args.steps])
+        sent = torch.tensor([float(moe.ep.bytes_sent - bytes_before) / args.steps])
         all_sent = [torch.zeros(1) for _ in range(num_ranks)]
         dist.all_gather(all_sent, sent)
         slot_load = moe.recorder.window_load(group=moe.group)[0]

@@ -53,3 +53,41 @@ def _route_fake(router_logits, top_k, scoring, num_groups, topk_groups, bias, re
     topk_weights = router_logits.new_empty((num_tokens, top_k), dtype=torch.float32)
     topk_idx = router_logits.new_empty((num_tokens, top_k), dtype=torch.int32)
     return topk_weights, topk_idx
+
+
+def _route_setup_context(ctx, inputs, output):
+    router_logits, _top_k, scoring, _num_groups, _topk_groups, _bias, renormalize, scaling_factor = inputs
+    _topk_weights, topk_idx = output
+    ctx.save_for_backward(router_logits, topk_idx)
+    ctx.scoring, ctx.renormalize, ctx.scaling_factor = scoring, renormalize, scaling_factor
+
+
+def _route_backward(ctx, grad_weights, _grad_idx):
+    """Gradient of the routing weights wrt the logits (the bias and the selection are not differentiable).
+
+    With s the scores of the selected experts, S = sum(s) + 1e-20 and c = scaling_factor: w = c*s/S when
+    renormalizing (dL/ds_j = c/S * (g_j - sum_i g_i s_i / S)), else w = c*s (dL/ds_j = c*g_j); then through the
+    sigmoid (s(1-s)) or the softmax over all experts.
+    """
+    router_logits, topk_idx = ctx.saved_tensors
+    if grad_weights is None:
+        return (None,) * 8
+    logits = router_logits.float()
+    scores = torch.sigmoid(logits) if ctx.scoring == "sigmoid" else torch.softmax(logits, dim=-1)
+    idx = topk_idx.long()
+    selected = scores.gather(1, idx)
+    grad_weights = grad_weights.float()
+    if ctx.renormalize:
+        denom = selected.sum(dim=-1, keepdim=True) + 1e-20
+        grad_selected = ctx.scaling_factor / denom * (grad_weights - (grad_weights * selected).sum(-1, True) / denom)
+    else:
+        grad_selected = ctx.scaling_factor * grad_weights
+    grad_scores = torch.zeros_like(scores).scatter_(1, idx, grad_selected)
+    if ctx.scoring == "sigmoid":
+        grad_logits = grad_scores * scores * (1.0 - scores)
+    else:
+        grad_logits = scores * (grad_scores - (grad_scores * scores).sum(dim=-1, keepdim=True))
+    return grad_logits.to(router_logits.dtype), None, None, None, None, None, None, None
+
+
+torch.library.register_autograd("epmoe::route", _route_backward, setup_context=_route_setup_context)

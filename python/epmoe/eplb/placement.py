@@ -186,13 +186,16 @@ class Placement:
             raise ValueError("logcnt: every logical expert needs at least one replica")
         if np.any(self._logcnt.sum(axis=1) != self.num_slots):
             raise ValueError("logcnt: replica counts must sum to num_slots on every layer")
-        layers, experts, replicas = np.nonzero(self._log2phy >= 0)
-        slots = self._log2phy[layers, experts, replicas]
-        if slots.size != self._phy2log.size or np.any(self._phy2log[layers, slots] != experts):
-            raise ValueError("log2phy is not the inverse of phy2log")
         valid = np.arange(self.max_replicas)[None, None, :] < self._logcnt[:, :, None]
         if np.any((self._log2phy >= 0) != valid):
             raise ValueError("log2phy: the first logcnt entries of each expert must be slots, the rest -1")
+        # Every listed slot holds its expert, and an expert's slots ascend (hence are distinct); with counts summing
+        # to P this makes log2phy the inverse of phy2log.
+        slots = np.where(valid, self._log2phy, 0)
+        held = np.take_along_axis(self._phy2log, slots.reshape(self.num_layers, -1), axis=1).reshape(slots.shape)
+        if (np.any(valid & (held != np.arange(self.num_experts)[None, :, None]))
+                or np.any(valid[:, :, 1:] & (slots[:, :, 1:] <= slots[:, :, :-1]))):
+            raise ValueError("log2phy is not the inverse of phy2log")
 
     def check_compatible(self, other: Placement, name: str = "other") -> None:
         """Raises ValueError unless `other` has the same number of layers, slots, experts and ranks."""

@@ -10,6 +10,7 @@ from __future__ import annotations
 
 import torch
 import torch.distributed as dist
+from epmoe import eplb
 from epmoe.layer import MoE, MoEConfig
 from torch import nn
 
@@ -31,8 +32,9 @@ def _check_experts(experts: nn.Module, block_name: str) -> None:
         raise ValueError(f"{block_name}.experts activation {type(act).__name__} is unsupported (SiLU only)")
 
 
-def moe_config_from_hf(block: nn.Module) -> MoEConfig:
-    """The MoEConfig equivalent to a transformers MoE block (raises ValueError for unsupported blocks)."""
+def moe_config_from_hf(block: nn.Module, **overrides) -> MoEConfig:
+    """The MoEConfig equivalent to a transformers MoE block (raises ValueError for unsupported blocks); `overrides`
+    set the fields that have no transformers counterpart (e.g. num_redundant_experts, exchange_mode)."""
     name = type(block).__name__
     if name not in SUPPORTED_BLOCKS:
         raise ValueError(f"unsupported MoE block {name}; supported: {', '.join(SUPPORTED_BLOCKS)}")
@@ -45,6 +47,7 @@ def moe_config_from_hf(block: nn.Module) -> MoEConfig:
         num_experts=int(num_experts),
         top_k=int(gate.top_k),
         dtype=experts.gate_up_proj.dtype,
+        **overrides,
     )
     shared = getattr(block, "shared_experts", None)
     shared_size = int(shared.gate_proj.weight.shape[0]) if shared is not None else 0
@@ -70,9 +73,23 @@ def moe_config_from_hf(block: nn.Module) -> MoEConfig:
     return MoEConfig(**common, scoring="softmax", renormalize=renormalize)
 
 
-def moe_from_hf(block: nn.Module, process_group: dist.ProcessGroup | None = None, *, layer_idx: int = 0) -> MoE:
-    """An `epmoe.MoE` computing what `block` computes, with its weights; each rank keeps only its experts."""
-    config = moe_config_from_hf(block)
+def _ep_size(process_group: dist.ProcessGroup | None) -> int:
+    if process_group is not None or (dist.is_available() and dist.is_initialized()):
+        return dist.get_world_size(process_group)
+    return 1
+
+
+def moe_from_hf(block: nn.Module, process_group: dist.ProcessGroup | None = None, *, layer_idx: int = 0,
+                num_redundant_experts: int | str = 0, **overrides) -> MoE:
+    """An `epmoe.MoE` computing what `block` computes, with its weights; each rank keeps only its experts.
+
+    `num_redundant_experts="auto"` adds the fewest EPLB slots that make the slot count divisible by the EP size
+    (needed e.g. for 5 experts on 2 ranks); other `overrides` are MoEConfig fields (exchange_mode, eplb_window...).
+    """
+    if num_redundant_experts == "auto":
+        num_redundant_experts = eplb.num_redundant_auto(int(block.experts.gate_up_proj.shape[0]),
+                                                        _ep_size(process_group))
+    config = moe_config_from_hf(block, num_redundant_experts=num_redundant_experts, **overrides)
     device = block.experts.gate_up_proj.device
     with torch.device(device):
         moe = MoE(config, process_group, layer_idx=layer_idx)
@@ -87,14 +104,15 @@ def moe_from_hf(block: nn.Module, process_group: dist.ProcessGroup | None = None
     return moe.train(block.training)
 
 
-def shard_model(model: nn.Module, process_group: dist.ProcessGroup | None = None) -> nn.Module:
+def shard_model(model: nn.Module, process_group: dist.ProcessGroup | None = None, **moe_kwargs) -> nn.Module:
     """Replaces every supported MoE block of `model` (in place) with its expert-parallel `epmoe.MoE`; each rank keeps
-    only its experts' weights. Every rank must call it with the same model. Returns `model`."""
+    only its experts' weights. Every rank must call it with the same model. `moe_kwargs` go to `moe_from_hf`
+    (num_redundant_experts, MoEConfig fields). Returns `model`."""
     targets = [(name, module) for name, module in model.named_modules() if type(module).__name__ in SUPPORTED_BLOCKS]
     if not targets:
         raise ValueError(f"model has no MoE block epmoe can shard (supported: {', '.join(SUPPORTED_BLOCKS)})")
     for layer_idx, (name, block) in enumerate(targets):
         parent_name, _, attr = name.rpartition(".")
         parent = model.get_submodule(parent_name) if parent_name else model
-        setattr(parent, attr, moe_from_hf(block, process_group, layer_idx=layer_idx))
+        setattr(parent, attr, moe_from_hf(block, process_group, layer_idx=layer_idx, **moe_kwargs))
     return model

@@ -4,13 +4,12 @@ EP=2, and bad configurations rejected."""
 
 from __future__ import annotations
 
+import epmoe
 import pytest
 import torch
 import torch.distributed as dist
 import torch.nn.functional as F
 from ep_harness import run_ranks
-
-import epmoe
 from epmoe import reference, reference_experts
 from epmoe.layer import MoE, MoEConfig
 

@@ -10,9 +10,10 @@ from __future__ import annotations
 
 import torch
 import torch.distributed as dist
+from torch import nn
+
 from epmoe import eplb
 from epmoe.layer import MoE, MoEConfig
-from torch import nn
 
 __all__ = ["moe_config_from_hf", "moe_from_hf", "shard_model", "SUPPORTED_BLOCKS"]
 

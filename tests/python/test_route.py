@@ -229,6 +229,27 @@ def test_opcheck_cpu():
         torch.library.opcheck(torch.ops.epmoe.route.default, args)
 
 
+@pytest.mark.parametrize(
+    "scoring,num_groups,topk_groups,with_bias,renormalize",
+    [("sigmoid", 8, 4, True, True), ("softmax", 1, 1, False, True), ("softmax", 4, 2, False, False)],
+)
+def test_route_gradient_matches_reference(scoring, num_groups, topk_groups, with_bias, renormalize):
+    # The weights are differentiable in the logits (training the gate); selection and bias are not.
+    logits, bias = make_case(37, 64, 3)
+    bias = bias if with_bias else None
+    kwargs = dict(scoring=scoring, num_groups=num_groups, topk_groups=topk_groups, bias=bias,
+                  renormalize=renormalize, scaling_factor=2.5)
+    grad = torch.randn(37, 6, generator=torch.Generator().manual_seed(4))
+    ours = logits.clone().requires_grad_(True)
+    ref = logits.clone().requires_grad_(True)
+    weights, idx = epmoe.route(ours, 6, **kwargs)
+    ref_weights, ref_idx = route_reference(ref, 6, **kwargs)
+    assert torch.equal(idx, ref_idx)
+    (weights * grad).sum().backward()
+    (ref_weights * grad).sum().backward()
+    torch.testing.assert_close(ours.grad, ref.grad, rtol=1e-5, atol=1e-7)
+
+
 BAD_INPUT = [
     (lambda x, b: epmoe.route(x[0], 2), "router_logits"),
     (lambda x, b: epmoe.route(x.unsqueeze(0), 2), "router_logits"),

@@ -47,51 +47,38 @@ def _replicate(weight: np.ndarray, num_phy: int, max_copies: int | None) -> np.n
     return logcnt
 
 
-def _repair_duplicates(pw, pk, load, dup_rows: np.ndarray, num_keys: int) -> None:
-    """Swaps items so that no pack holds a key twice (in place), on the rows `dup_rows` that have duplicates."""
-    num_packs = pk.shape[1]
-    for x in dup_rows:
-        # has[r, key]: copies of `key` in pack r
-        has = np.zeros((num_packs, num_keys), dtype=np.int64)
-        np.add.at(has, (np.repeat(np.arange(num_packs), pk.shape[2]), pk[x].reshape(-1)), 1)
-        for r, key in zip(*np.nonzero(has > 1), strict=True):
-            while has[r, key] > 1:
+def _repair_duplicates(pw, pk, load, has) -> None:
+    """Swaps items so that no pack holds a key twice (in place). Rare: only called for rows with duplicates."""
+    num_rows, num_packs, num_per_pack = pk.shape
+    for x, r in zip(*np.nonzero(has.max(axis=2) > 1), strict=True):
+        for key in np.nonzero(has[x, r] > 1)[0]:
+            while has[x, r, key] > 1:
                 a = int(np.nonzero(pk[x, r] == key)[0][-1])
                 # Partner item b in another pack r2: key not in r2, b's key not in r.
-                ok = (has[:, key] == 0)[:, None] & (has[r][pk[x]] == 0)
+                ok = (has[x, :, key] == 0)[:, None] & (has[x, r][pk[x]] == 0)
                 if not ok.any():
                     return  # infeasible swap set: keep the duplicate, the placement stays valid
                 cost = np.where(ok, np.abs(pw[x] - pw[x, r, a]), np.inf)
                 r2, b = np.unravel_index(np.argmin(cost), cost.shape)
-                kb = pk[x, r2, b]
-                has[r, key] -= 1
-                has[r2, kb] -= 1
-                has[r, kb] += 1
-                has[r2, key] += 1
-                _apply_swaps(pw, pk, load, x, r, a, r2, b)
+                _swap(pw, pk, load, has, x, r, a, r2, b)
 
 
-def _conflicts(ka: np.ndarray, kb: np.ndarray) -> tuple:
-    """Keys of two packs, int64 [..., S] each -> (item of a whose key b holds, item of b whose key a holds), bool."""
-    eq = ka[..., :, None] == kb[..., None, :]
-    return eq.any(axis=-1), eq.any(axis=-2)
+def _swap(pw, pk, load, has, x, r1, a, r2, b) -> None:
+    ka, kb = pk[x, r1, a], pk[x, r2, b]
+    d = pw[x, r1, a] - pw[x, r2, b]
+    load[x, r1] -= d
+    load[x, r2] += d
+    has[x, r1, ka] -= 1
+    has[x, r2, kb] -= 1
+    has[x, r1, kb] += 1
+    has[x, r2, ka] += 1
+    pw[x, r1, a], pw[x, r2, b] = pw[x, r2, b], pw[x, r1, a]
+    pk[x, r1, a], pk[x, r2, b] = kb, ka
 
 
-def _apply_swaps(pw, pk, load, x, h, a, r, b) -> None:
-    """Swaps item a of pack h with item b of pack r in rows x (index arrays; one swap per row at most)."""
-    ka, kb = pk[x, h, a], pk[x, r, b]
-    wa, wb = pw[x, h, a], pw[x, r, b]
-    load[x, h] -= wa - wb
-    load[x, r] += wa - wb
-    pw[x, h, a], pw[x, r, b] = wb, wa
-    pk[x, h, a], pk[x, r, b] = kb, ka
-
-
-def _refine(pw, pk, load, bound, avoid_conflicts: bool, max_iters: int) -> None:
+def _refine(pw, pk, load, has, bound, avoid_conflicts: bool, max_iters: int) -> None:
     """Swaps between the heaviest pack and the lightest packs while that lowers the heaviest pack (in place).
-
-    Rows whose heaviest pack is at most `bound` (float64 [X], a lower bound of the optimum) are left alone.
-    """
+    Rows whose heaviest pack is at most `bound` (float64 [X], a lower bound of the optimum) are left alone."""
     num_rows, num_packs, num_per_pack = pw.shape
     if num_packs == 1:
         return
@@ -120,48 +107,75 @@ def _refine(pw, pk, load, bound, avoid_conflicts: bool, max_iters: int) -> None:
         new_max = np.maximum(lh[:, None, None, None] - d, lp[:, None, :, None] + d)
         valid = (d > 0) & (partners != heavy[:, None])[:, None, :, None]
         if avoid_conflicts:
-            eq = pk[active, heavy][:, :, None, None] == pk[active[:, None], partners][:, None, :, :]  # [A, S, T, S]
-            valid &= ~eq.any(axis=3, keepdims=True) & ~eq.any(axis=1, keepdims=True)
+            kh = pk[active, heavy]  # [A, S]
+            kp = pk[active[:, None], partners]  # [A, T, S]
+            a_in_partner = has[active[:, None, None], partners[:, None, :], kh[:, :, None]] > 0  # [A, S, T]
+            b_in_heavy = has[active[:, None, None], heavy[:, None, None], kp] > 0  # [A, T, S]
+            valid &= ~a_in_partner[:, :, :, None] & ~b_in_heavy[:, None, :, :]
         new_max = np.where(valid, new_max, np.inf).reshape(active.size, -1)
         best = np.argmin(new_max, axis=1)
         improves = new_max[np.arange(active.size), best] < lh * (1 - 1e-12)
+        # One swap per improving row, applied to all rows at once.
         x, h, best = active[improves], heavy[improves], best[improves]
         a, t, b = np.unravel_index(best, (num_per_pack, num_partners, num_per_pack))
-        _apply_swaps(pw, pk, load, x, h, a, partners[improves, t], b)
+        r = partners[improves, t]
+        ka, kb = pk[x, h, a], pk[x, r, b]
+        wa, wb = pw[x, h, a], pw[x, r, b]
+        load[x, h] -= wa - wb
+        load[x, r] += wa - wb
+        has[x, h, ka] -= 1
+        has[x, r, kb] -= 1
+        has[x, h, kb] += 1
+        has[x, r, ka] += 1
+        pw[x, h, a], pw[x, r, b] = wb, wa
+        pk[x, h, a], pk[x, r, b] = kb, ka
         active = x[load[x].max(axis=1) > bound[x]]
 
 
-def _balance_pairs(pw, pk, load, bound, avoid_conflicts: bool, num_iters: int) -> None:
-    """Rounds of simultaneous swaps: the i-th heaviest pack swaps one item with the i-th lightest pack (rotated
-    each round), choosing the swap that minimises the larger of the two new loads (in place). A row leaves once
-    its heaviest pack is at most `bound` [X] or a round finds no improving swap in it."""
+def _balance_pairs(pw, pk, load, has, bound, avoid_conflicts: bool, num_iters: int) -> None:
+    """Rounds of simultaneous swaps: the i-th heaviest pack (i < _PAIRS) swaps one item with the i-th lightest pack
+    (rotated each round), choosing the swap that minimises the larger of the two new loads (in place). Rows whose
+    heaviest pack is at most `bound` (float64 [X], a lower bound of the optimum) are left alone."""
     num_rows, num_packs, num_per_pack = pw.shape
     half = min(num_packs // 2, _PAIRS)
     if half == 0:
         return
-    active = np.nonzero(load.max(axis=1) > bound)[0]
     for it in range(num_iters):
+        active = np.nonzero(load.max(axis=1) > bound)[0]
         if active.size == 0:
             break
         rows = active[:, None]
+        num_rows = active.size
         order = np.argsort(load[active], axis=1)
         light = order[:, :half]
         heavy = np.roll(order[:, ::-1][:, :half], -(it % half), axis=1)
         lh, ll = load[rows, heavy], load[rows, light]
-        wh, wl = pw[rows, heavy], pw[rows, light]  # [A, half, S]
-        d = wh[:, :, :, None] - wl[:, :, None, :]  # [A, half, S, S]
+        wh, wl = pw[rows, heavy], pw[rows, light]  # [X, half, S]
+        d = wh[:, :, :, None] - wl[:, :, None, :]  # [X, half, S, S]
         new_max = np.maximum(lh[:, :, None, None] - d, ll[:, :, None, None] + d)
         valid = d > 0
         if avoid_conflicts:
-            a_in_light, b_in_heavy = _conflicts(pk[rows, heavy], pk[rows, light])
+            kh, kl = pk[rows, heavy], pk[rows, light]
+            a_in_light = has[rows[:, :, None], light[:, :, None], kh] > 0  # [X, half, S]
+            b_in_heavy = has[rows[:, :, None], heavy[:, :, None], kl] > 0
             valid &= ~a_in_light[:, :, :, None] & ~b_in_heavy[:, :, None, :]
-        new_max = np.where(valid, new_max, np.inf).reshape(active.size, half, -1)
+        new_max = np.where(valid, new_max, np.inf).reshape(num_rows, half, -1)
         best = np.argmin(new_max, axis=2)
         i, p = np.nonzero(np.take_along_axis(new_max, best[:, :, None], axis=2)[:, :, 0] < lh * (1 - 1e-12))
+        if i.size == 0:
+            break
         a, b = np.divmod(best[i, p], num_per_pack)
-        _apply_swaps(pw, pk, load, active[i], heavy[i, p], a, light[i, p], b)
-        moved = np.unique(active[i])
-        active = moved[load[moved].max(axis=1) > bound[moved]]
+        x, h, r = active[i], heavy[i, p], light[i, p]
+        ka, kb = pk[x, h, a], pk[x, r, b]
+        wa, wb = pw[x, h, a], pw[x, r, b]
+        load[x, h] -= wa - wb
+        load[x, r] += wa - wb
+        has[x, h, ka] -= 1
+        has[x, r, kb] -= 1
+        has[x, h, kb] += 1
+        has[x, r, ka] += 1
+        pw[x, h, a], pw[x, r, b] = wb, wa
+        pk[x, h, a], pk[x, r, b] = kb, ka
 
 
 def _pack(item_weight: np.ndarray, item_key: np.ndarray, num_packs: int, num_keys: int, avoid_conflicts: bool):
@@ -183,15 +197,19 @@ def _pack(item_weight: np.ndarray, item_key: np.ndarray, num_packs: int, num_key
         pw[rows, packs, k] = item_weight[rows, items]
         pk[rows, packs, k] = item_key[rows, items]
         load[rows, packs] += item_weight[rows, items]
-    # Optimum lower bound per row: the mean pack load and the largest item.
+    # has[x, r, key]: copies of `key` in pack r (int16: at most num_per_pack). Plain assignment counts a key once
+    # per pack; the rare duplicates are added afterwards.
+    has = np.zeros((num_rows, num_packs, num_keys), dtype=np.int16)
+    has[rows[:, :, None], np.arange(num_packs)[None, :, None], pk] = 1
+    srt = np.sort(pk, axis=2)
+    dup_x, dup_r, dup_j = np.nonzero(srt[:, :, 1:] == srt[:, :, :-1])
+    np.add.at(has, (dup_x, dup_r, srt[dup_x, dup_r, dup_j + 1]), 1)
+    if avoid_conflicts and has.max() > 1:
+        _repair_duplicates(pw, pk, load, has)
+    # Lower bound of the optimal heaviest pack per row: the mean pack load and the largest item.
     bound = np.maximum(load.mean(axis=1), item_weight.max(axis=1)) * (1 + 1e-9)
-    if avoid_conflicts:
-        srt = np.sort(pk, axis=2)
-        dup_rows = np.unique(np.nonzero(srt[:, :, 1:] == srt[:, :, :-1])[0])
-        if dup_rows.size:
-            _repair_duplicates(pw, pk, load, dup_rows, num_keys)
-    _balance_pairs(pw, pk, load, bound, avoid_conflicts, num_iters=_PAIR_ROUNDS)
-    _refine(pw, pk, load, bound, avoid_conflicts, max_iters=_MAX_REFINE)
+    _balance_pairs(pw, pk, load, has, bound, avoid_conflicts, num_iters=_PAIR_ROUNDS)
+    _refine(pw, pk, load, has, bound, avoid_conflicts, max_iters=_MAX_REFINE)
     return pk
 
 

@@ -240,3 +240,25 @@ def test_cli_plan_errors(tmp_path, capsys):
     bad = tmp_path / "load.txt"
     bad.write_text("1 2 3")
     assert plan_main([str(bad), "--slots", "16", "--ranks", "8", "-o", str(tmp_path / "x.json")]) == 2
+
+
+def test_validate_rejects_inconsistent_maps():
+    p = plan(lognormal_load(2, 16, 1.0, 8), 24, 4)
+    p.validate()
+    # Two replicas of an expert listed in the wrong order, then a slot of another expert: both are errors.
+    e = int(np.nonzero(p.numpy()[2][0] >= 2)[0][0])
+    p._log2phy[0, e, :2] = p._log2phy[0, e, 1::-1].copy()
+    with pytest.raises(ValueError, match="inverse"):
+        p.validate()
+    q = plan(lognormal_load(2, 16, 1.0, 8), 24, 4)
+    q._log2phy[1, 0, 0] = int(np.nonzero(q.numpy()[0][1] != 0)[0][0])
+    with pytest.raises(ValueError, match="inverse"):
+        q.validate()
+
+
+def test_plan_stops_at_the_lower_bound():
+    # Equal loads: every rank reaches the mean at once (the packer's early exit), and the plan is perfect.
+    load = np.full((3, 64), 7.0)
+    p = plan(load, 80, 16)
+    np.testing.assert_allclose(balancedness(load, p), 1.0)
+    assert p.num_same_rank_duplicates() == 0

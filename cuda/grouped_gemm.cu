@@ -338,7 +338,8 @@ __global__ void __launch_bounds__(kWarpsM* kWarpsN * 32, kBM >= 128 ? 1 : 4) mma
 #pragma unroll
                 for (int mi = 0; mi < kMI; ++mi)
 #pragma unroll
-                    for (int ni = 0; ni < kNI; ++ni) mma_16816<T>(acc[mi][ni], a_frag[mi], b_frag[ni][0], b_frag[ni][1]);
+                    for (int ni = 0; ni < kNI; ++ni)
+                        mma_16816<T>(acc[mi][ni], a_frag[mi], b_frag[ni][0], b_frag[ni][1]);
             }
         }
         cp_async_wait<0>();
@@ -552,8 +553,10 @@ void launch_forward(GemmArgs p, DType dtype, void* workspace, cudaStream_t strea
     switch (dtype) {
         case DType::kFloat32: launch_simt<false, kBTrans, kSwiGLU, false>(p, max_tiles, stream); return;
         case DType::kBFloat16:
-            if (decode) launch_mma<__nv_bfloat16, 32, 128, 1, 4, 4, false, kBTrans, kSwiGLU, false>(p, max_tiles, stream);
-            else launch_mma<__nv_bfloat16, 128, 128, 2, 4, 3, false, kBTrans, kSwiGLU, false>(p, max_tiles, stream);
+            if (decode)
+                launch_mma<__nv_bfloat16, 32, 128, 1, 4, 4, false, kBTrans, kSwiGLU, false>(p, max_tiles, stream);
+            else
+                launch_mma<__nv_bfloat16, 128, 128, 2, 4, 3, false, kBTrans, kSwiGLU, false>(p, max_tiles, stream);
             return;
         case DType::kFloat16:
             if (decode) launch_mma<__half, 32, 128, 1, 4, 4, false, kBTrans, kSwiGLU, false>(p, max_tiles, stream);
@@ -633,7 +636,9 @@ void launch_grouped_gemm_wgrad(const void* grad_out, const void* a, DType dtype,
     const int64_t tiles = static_cast<int64_t>(num_experts) * p.m_tiles * p.n_tiles;
     switch (dtype) {
         case DType::kFloat32: launch_simt<true, true, false, true>(p, tiles, stream); return;
-        case DType::kBFloat16: launch_mma<__nv_bfloat16, 128, 128, 2, 4, 3, true, true, false, true>(p, tiles, stream); return;
+        case DType::kBFloat16:
+            launch_mma<__nv_bfloat16, 128, 128, 2, 4, 3, true, true, false, true>(p, tiles, stream);
+            return;
         case DType::kFloat16: launch_mma<__half, 128, 128, 2, 4, 3, true, true, false, true>(p, tiles, stream); return;
     }
     EPMOE_HOST_CHECK(false, "unknown dtype");

@@ -25,7 +25,9 @@ namespace epmoe::test {
 template <typename T>
 class DeviceBuffer {
   public:
-    explicit DeviceBuffer(size_t n) : n_(n) { EPMOE_CUDA_CHECK(cudaMalloc(&ptr_, (n ? n : 1) * sizeof(T))); }
+    explicit DeviceBuffer(size_t n) : n_(n) {
+        EPMOE_CUDA_CHECK(cudaMalloc(reinterpret_cast<void**>(&ptr_), (n ? n : 1) * sizeof(T)));
+    }
     explicit DeviceBuffer(const std::vector<T>& host) : DeviceBuffer(host.size()) {
         EPMOE_CUDA_CHECK(cudaMemcpy(ptr_, host.data(), n_ * sizeof(T), cudaMemcpyHostToDevice));
     }

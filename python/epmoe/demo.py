@@ -93,14 +93,14 @@ def _skewed_inputs(cfg, num_ranks: int, rank: int, num_tokens: int, seed: int):
 
 def _reference_forward(cfg, x, gate_weight, bias, w13, w2, shared):
     """Single-process reference: pure-torch routing and experts over all logical experts (epmoe.reference)."""
-    from epmoe import reference, reference_experts
+    from epmoe import reference
 
     logits = F.linear(x.float(), gate_weight)
     topk_weights, topk_idx = reference.route_reference(
         logits, cfg.top_k, scoring=cfg.scoring, num_groups=cfg.num_groups, topk_groups=cfg.topk_groups, bias=bias,
         renormalize=cfg.renormalize, scaling_factor=cfg.scaling_factor,
     )
-    out = reference_experts.experts_forward_reference(x.float(), topk_idx, topk_weights, w13.float(), w2.float())
+    out = reference.experts_forward_reference(x.float(), topk_idx, topk_weights, w13.float(), w2.float())
     if shared is not None:
         g, u, d = (w.float() for w in shared)
         out = out + F.linear(F.silu(F.linear(x.float(), g)) * F.linear(x.float(), u), d)

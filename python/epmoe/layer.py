@@ -321,8 +321,8 @@ class MoE(nn.Module):
     @classmethod
     def from_hf(cls, block: nn.Module, process_group: dist.ProcessGroup | None = None, **kwargs) -> MoE:
         """Builds the EP layer from a transformers MoE block (DeepseekV2/V3, Qwen3-MoE, Mixtral), copying its
-        weights; each rank keeps only its experts. kwargs: see `epmoe.integrations.sharding.moe_from_hf`."""
-        from epmoe.integrations.sharding import moe_from_hf
+        weights; each rank keeps only its experts. kwargs: see `epmoe.integrations.transformers.moe_from_hf`."""
+        from epmoe.integrations.transformers import moe_from_hf
 
         return moe_from_hf(block, process_group, **kwargs)
 

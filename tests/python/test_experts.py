@@ -5,7 +5,7 @@ import pytest
 import torch
 import torch.nn.functional as F
 from epmoe.experts import grouped_gemm, grouped_gemm_wgrad, grouped_swiglu, moe_layout, moe_permute, swiglu_backward
-from epmoe.reference_experts import experts_forward_reference
+from epmoe.reference import experts_forward_reference
 
 TOL = {
     torch.float32: {"atol": 1e-5, "rtol": 1e-4},

@@ -10,7 +10,7 @@ import torch
 import torch.distributed as dist
 import torch.nn.functional as F
 from ep_harness import run_ranks
-from epmoe import reference, reference_experts
+from epmoe import reference
 from epmoe.layer import MoE, MoEConfig
 
 HIDDEN, INTER = 32, 16
@@ -64,7 +64,7 @@ def reference_layer(cfg: MoEConfig, weights: dict, x: torch.Tensor) -> torch.Ten
         logits, cfg.top_k, scoring=cfg.scoring, num_groups=cfg.num_groups, topk_groups=cfg.topk_groups,
         bias=weights["bias"], renormalize=cfg.renormalize, scaling_factor=cfg.scaling_factor,
     )
-    out = reference_experts.experts_forward_reference(x, topk_idx, topk_weights, weights["w13"], weights["w2"])
+    out = reference.experts_forward_reference(x, topk_idx, topk_weights, weights["w13"], weights["w2"])
     if weights["shared"] is not None:
         g, u, d = weights["shared"]
         out = out + F.linear(F.silu(F.linear(x, g)) * F.linear(x, u), d)

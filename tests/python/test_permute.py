@@ -3,7 +3,7 @@
 import pytest
 import torch
 from epmoe.experts import moe_layout, moe_permute, moe_unpermute, moe_unpermute_backward
-from epmoe.reference_experts import moe_layout_reference, moe_permute_reference, moe_unpermute_reference
+from epmoe.reference import moe_layout_reference, moe_permute_reference, moe_unpermute_reference
 
 
 def random_ids(num_tokens, num_topk, num_experts, gen, skip_frac=0.0, distinct=True):

@@ -1,6 +1,6 @@
 # make test   bootstrap .venv (torch + build/test requirements), build epmoe._C, run pytest
 # make demo   same bootstrap and build, then `epmoe demo`
-# make bench  same bootstrap and build, then the benchmark scripts
+# make bench  same bootstrap and build, then `epmoe bench` (every benchmark script, JSON + summary in build/bench)
 # Variables: PYTHON (interpreter for the venv), VENV, TORCH_SPEC (e.g. torch==2.13.0 for the CPU-only build).
 PYTHON ?= python3
 VENV ?= .venv
@@ -23,7 +23,8 @@ $(VENV)/.deps: requirements-dev.txt
 # First build through pip (editable install, so `import epmoe` and the `epmoe` command work anywhere);
 # afterwards the CMake build folder is reused directly, which is a no-op when nothing changed.
 $(VENV)/.installed: $(VENV)/.deps setup.py pyproject.toml
-	$(PY) -m pip install -q --no-build-isolation --no-deps -e .
+	# -v: the CMake summary and ptxas resource usage of every kernel belong in the build log
+	$(PY) -m pip install -v --no-build-isolation --no-deps -e .
 	touch $@
 
 build: $(VENV)/.installed
@@ -36,7 +37,7 @@ demo: build
 	$(VENV)/bin/epmoe demo
 
 bench: build
-	$(PY) benchmarks/bench_route.py --out build/bench/route.json
+	$(VENV)/bin/epmoe bench --out build/bench
 
 lint: $(VENV)/.deps
 	$(PY) -m ruff check python tests benchmarks

@@ -132,8 +132,18 @@ def main() -> None:
                     + f" (target {TARGETS[num_tokens]}x)",
                     flush=True,
                 )
+    summary = [
+        {
+            "metric": f"experts {r['pass']} ratio vs fastest transformers, {r['dtype']} T={r['num_tokens']}",
+            "value": r["speedup_vs_fastest"],
+            "target": f">={r['target_speedup']}",
+            "met": r["speedup_vs_fastest"] >= r["target_speedup"],
+        }
+        for r in results
+    ]
     report = {
         "benchmark": "experts_forward_cpu",
+        "summary": summary,
         "shape": {"num_experts": NUM_EXPERTS, "hidden": HIDDEN, "intermediate": INTER, "top_k": TOP_K},
         "torch": torch.__version__,
         "threads": torch.get_num_threads(),

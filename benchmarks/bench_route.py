@@ -135,12 +135,15 @@ def main():
     parser = argparse.ArgumentParser(description=__doc__, formatter_class=argparse.RawDescriptionHelpFormatter)
     parser.add_argument("--quick", action="store_true", help="fewer repeats")
     parser.add_argument("--out", default=None, help="write the results as JSON")
+    parser.add_argument("--gpu-only", action="store_true", help="skip the CPU section (GPU checks)")
     args = parser.parse_args()
     token_counts = (256, 4096, 32768)
     repeats = 5 if args.quick else 21
 
-    report = dict(torch=torch.__version__, num_threads=torch.get_num_threads(), cpu=bench_cpu(token_counts, repeats))
-    print(f"CPU ({torch.get_num_threads()} threads), median of {repeats} runs")
+    report = dict(torch=torch.__version__, num_threads=torch.get_num_threads(), summary=[])
+    report["cpu"] = [] if args.gpu_only else bench_cpu(token_counts, repeats)
+    if report["cpu"]:
+        print(f"CPU ({torch.get_num_threads()} threads), median of {repeats} runs")
     print(f"{'shape':<12} {'tokens':>7} {'epmoe ms':>10} {'torch ms':>10} {'speedup':>8} {'target':>7}  baseline")
     all_met = True
     for row in report["cpu"]:
@@ -148,6 +151,9 @@ def main():
         met = target is None or row["speedup"] >= target
         all_met &= met
         target_text = f">={target:g}x" if target else "-"
+        if target:
+            report["summary"].append(dict(metric=f"CPU route speedup vs torch, {row['shape']} T={row['num_tokens']}",
+                                          value=row["speedup"], target=target_text, met=met))
         print(
             f"{row['shape']:<12} {row['num_tokens']:>7} {row['epmoe_ms']:>10.3f} {row['baseline_ms']:>10.3f} "
             f"{row['speedup']:>7.1f}x {target_text:>7}{'' if met else ' MISSED'}  {row['baseline']}"
@@ -160,6 +166,9 @@ def main():
             met = target is None or row["kernel_us"] <= target
             all_met &= met
             target_text = f"<={target:g}us" if target else "-"
+            if target:
+                report["summary"].append(dict(metric=f"GPU route kernel us, {row['shape']} T={row['num_tokens']}",
+                                              value=row["kernel_us"], target=target_text, met=met))
             print(
                 f"{row['shape']:<12} {row['num_tokens']:>7} {row['kernel_us']:>9.2f}us {target_text:>8}"
                 f"{'' if met else ' MISSED'}"

@@ -29,10 +29,7 @@ step cpp_tests "$EPMOE_BUILD_DIR/epmoe_cpp_tests"
 if command -v compute-sanitizer >/dev/null 2>&1; then
     step memcheck compute-sanitizer --tool memcheck --error-exitcode 1 "$EPMOE_BUILD_DIR/epmoe_cpp_tests" --gtest_filter='*Cuda*'
 fi
-for bench in benchmarks/bench_route.py benchmarks/bench_experts_gpu.py; do
-    [ -f "$bench" ] || continue
-    name="$(basename "$bench" .py)"
-    step "$name" "$PY" "$bench" --gpu-only --out "$out/$name.json"
-    cat "$out/$name.log"
-done
+step bench_route "$PY" benchmarks/bench_route.py --gpu-only --out "$out/bench_route.json"
+step bench_experts_gpu "$PY" benchmarks/bench_experts_gpu.py --out "$out/bench_experts_gpu.json"
+cat "$out/bench_route.log" "$out/bench_experts_gpu.log"
 exit $status

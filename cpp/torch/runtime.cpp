@@ -86,6 +86,11 @@ class ProcessGroupCommunicator final : public Communicator {
                                                   in);
     }
     void destroy() override { pg_.reset(); }
+    // The timeout of this group's collectives: the one given, else the process group's own.
+    std::chrono::milliseconds timeout() const {
+        TORCH_CHECK(pg_, "the EP group was destroyed");
+        return timeout_ != c10d::kUnsetTimeout ? timeout_ : pg_->getDefaultBackend()->getBackendOptions()->timeout;
+    }
 
   private:
     c10::intrusive_ptr<c10d::ProcessGroup> pg_;
@@ -256,7 +261,7 @@ class Runtime {
 #ifdef EPMOE_WITH_NCCL
     void init_nccl(const py::bytes& unique_id, int device) {
         TORCH_CHECK(!nccl_, "the NCCL communicator of this EP group is already initialised");
-        nccl_ = make_nccl_communicator(std::string(unique_id), rank_, num_ranks_, device);
+        nccl_ = make_nccl_communicator(std::string(unique_id), rank_, num_ranks_, device, host_->timeout());
     }
 #endif
     bool has_nccl() const { return static_cast<bool>(nccl_); }
@@ -590,7 +595,7 @@ class Runtime {
     }
 
   private:
-    std::unique_ptr<Communicator> host_;
+    std::unique_ptr<ProcessGroupCommunicator> host_;
     std::unique_ptr<Communicator> nccl_;
     int rank_ = 0, num_ranks_ = 1;
     int64_t total_bytes_sent_ = 0;

@@ -142,7 +142,8 @@ class EPGroup:
         process_group: the EP group (default: WORLD). Its backend must support all_to_all_single with split sizes
             for CPU tensors (gloo does); CUDA tensors use an NCCL communicator that this group creates on first use.
         timeout: seconds per collective; None = the process group's own timeout. A dead or disagreeing peer
-            raises RuntimeError on the other ranks instead of hanging.
+            raises RuntimeError on the other ranks instead of hanging. On CUDA the NCCL communicator is polled for
+            errors while waiting and aborted on an error or at the timeout; the group's CUDA path is then unusable.
     """
 
     def __init__(self, process_group: dist.ProcessGroup | None = None, timeout: float | None = None):

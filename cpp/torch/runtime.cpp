@@ -408,8 +408,10 @@ class Runtime {
             send_wire = at::empty({sum(h->send_splits), row_bytes}, x.options().dtype(at::kByte));
             uint8_t* wire = send_wire.data_ptr<uint8_t>();
             for (int r = 0; r < num_ranks_ && capacity_mode; ++r) {  // padding rows: 0xFF = token -1, no slot
-                const int64_t pad_begin = r * capacity + plan.num_send_per_rank[r];
-                std::memset(wire + pad_begin * row_bytes, 0xFF, ((r + 1) * capacity - pad_begin) * row_bytes);
+                const int64_t pad_begin = r * capacity + plan.num_send_per_rank[r], pad_end = (r + 1) * capacity;
+                if (pad_end > pad_begin) {
+                    std::memset(wire + pad_begin * row_bytes, 0xFF, (pad_end - pad_begin) * row_bytes);
+                }
             }
             const at::Tensor weights = topk_weights.to(at::kFloat).contiguous();
             pack_rows_cpu(wire, row_bytes, static_cast<const uint8_t*>(x_c.data_ptr()), x_bytes,

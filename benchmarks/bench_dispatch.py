@@ -3,7 +3,9 @@ Megatron-style baseline (torch.distributed.all_to_all_single of all T*k slot row
 
 Layer: DeepSeek-V2-Lite-like scaled (E=64, k=6, H=1024, T=2048 tokens per rank, bf16, uniform random top-k).
 Reports per world size the median round-trip time of each, the bytes sent per rank, the byte ratio
-(deduplicated rows / T*k rows) and the time ratio. Usage: python benchmarks/bench_dispatch.py [--quick] [--out f.json]
+(deduplicated rows / T*k rows) and the time ratio, and a "summary" list of {metric, value, target, met} rows
+(byte ratio < 1, time ratio <= 1 at each world size) for `epmoe bench`.
+Usage: python benchmarks/bench_dispatch.py [--quick] [--out f.json]
 """
 
 from __future__ import annotations
@@ -122,6 +124,30 @@ def bench(world, cfg):
     }
 
 
+def summarize(results):
+    """The rows `epmoe bench` prints: epmoe/baseline byte and time ratios per world size, with their targets."""
+    summary = []
+    for row in results:
+        world = row["world_size"]
+        summary.append(
+            {
+                "metric": f"dispatch+combine byte ratio vs all_to_all_single, R={world}",
+                "value": row["byte_ratio"],
+                "target": "<1",
+                "met": row["byte_ratio"] < 1,
+            }
+        )
+        summary.append(
+            {
+                "metric": f"dispatch+combine time ratio vs all_to_all_single, R={world}",
+                "value": row["time_ratio"],
+                "target": "<=1",
+                "met": row["time_ratio"] <= 1,
+            }
+        )
+    return summary
+
+
 def main():
     parser = argparse.ArgumentParser(description=__doc__, formatter_class=argparse.RawDescriptionHelpFormatter)
     parser.add_argument("--quick", action="store_true", help="512 tokens per rank, 3 repeats")
@@ -132,7 +158,7 @@ def main():
         "top_k": 6,
         "hidden": 1024,
         "tokens": 512 if args.quick else 2048,
-        "repeats": 3 if args.quick else 7,
+        "repeats": 3 if args.quick else 9,
         "dtype": "bfloat16",
     }
     report = {"config": cfg, "baseline": "Megatron-style all_to_all_single of T*k slot rows", "results": []}
@@ -146,6 +172,10 @@ def main():
             f"MiB (byte ratio {row['byte_ratio']:.2f}); max |diff| {row['max_abs_diff_vs_baseline']:.3g}",
             flush=True,
         )
+    report["summary"] = summarize(report["results"])
+    for item in report["summary"]:
+        status = "met" if item["met"] else "MISSED"
+        print(f"{item['metric']:58} {item['value']:8.3f}  target {item['target']:4} {status}", flush=True)
     text = json.dumps(report, indent=2)
     if args.out:
         with open(args.out, "w") as f:

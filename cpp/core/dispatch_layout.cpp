@@ -1,6 +1,8 @@
 // Expert-parallel dispatch planning (torch-free). See dispatch_layout.h.
 #include "cpp/core/dispatch_layout.h"
 
+#include <algorithm>
+#include <limits>
 #include <sstream>
 
 namespace epmoe::core {
@@ -57,26 +59,52 @@ std::string plan_dispatch(const int32_t* topk_idx, int64_t num_tokens, int num_t
     out->num_topk = num_topk;
     out->num_send_per_rank.assign(num_ranks, 0);
     out->num_overflow_per_rank.assign(num_ranks, 0);
-    out->send_token_idx.clear();
-    out->send_slot_expert.clear();
-    // One pass per destination keeps the rank-major, token-ascending order without a sort.
-    for (int r = 0; r < num_ranks; ++r) {
-        for (int64_t t = 0; t < num_tokens; ++t) {
-            const int32_t* ids = topk_idx + t * num_topk;
-            bool goes_here = false;
-            for (int j = 0; j < num_topk; ++j) goes_here |= ids[j] >= 0 && placement.expert_to_rank[ids[j]] == r;
-            if (!goes_here) continue;
-            if (capacity >= 0 && out->num_send_per_rank[r] >= capacity) {
-                ++out->num_overflow_per_rank[r];
-                continue;
-            }
-            ++out->num_send_per_rank[r];
-            out->send_token_idx.push_back(static_cast<int32_t>(t));
-            for (int j = 0; j < num_topk; ++j) {
-                const bool here = ids[j] >= 0 && placement.expert_to_rank[ids[j]] == r;
-                out->send_slot_expert.push_back(here ? placement.expert_to_local[ids[j]] : -1);
-            }
+    // ---- pass 1: rows wanted per destination. last_token[r] deduplicates a token's slots on one rank.
+    std::vector<int64_t> last_token(num_ranks, -1);
+    std::vector<int64_t> num_wanted(num_ranks, 0);
+    for (int64_t t = 0; t < num_tokens; ++t) {
+        for (int j = 0; j < num_topk; ++j) {
+            const int32_t e = topk_idx[t * num_topk + j];
+            if (e < 0) continue;
+            const int32_t r = placement.expert_to_rank[e];
+            if (last_token[r] != t) last_token[r] = t, ++num_wanted[r];
         }
+    }
+    std::vector<int64_t> rank_offset(num_ranks + 1, 0);
+    for (int r = 0; r < num_ranks; ++r) {
+        out->num_send_per_rank[r] = capacity >= 0 ? std::min(num_wanted[r], capacity) : num_wanted[r];
+        out->num_overflow_per_rank[r] = num_wanted[r] - out->num_send_per_rank[r];
+        rank_offset[r + 1] = rank_offset[r] + out->num_send_per_rank[r];
+    }
+    const int64_t num_send = rank_offset[num_ranks];
+    out->send_token_idx.assign(num_send, 0);
+    out->send_slot_expert.assign(num_send * num_topk, -1);
+    // ---- pass 2: tokens ascending fill each rank's block in order; the capacity keeps the earliest tokens.
+    // NOTES: token_row[r] is the row of token t on rank r, valid while last_token[r] == t (-1: clipped).
+    std::vector<int64_t> cursor(rank_offset.begin(), rank_offset.end() - 1);
+    std::vector<int64_t> token_row(num_ranks, -1);
+    std::fill(last_token.begin(), last_token.end(), -1);
+    for (int64_t t = 0; t < num_tokens; ++t) {
+        for (int j = 0; j < num_topk; ++j) {
+            const int32_t e = topk_idx[t * num_topk + j];
+            if (e < 0) continue;
+            const int32_t r = placement.expert_to_rank[e];
+            if (last_token[r] != t) {
+                last_token[r] = t;
+                token_row[r] = cursor[r] < rank_offset[r + 1] ? cursor[r]++ : -1;
+                if (token_row[r] >= 0) out->send_token_idx[token_row[r]] = static_cast<int32_t>(t);
+            }
+            if (token_row[r] >= 0) out->send_slot_expert[token_row[r] * num_topk + j] = placement.expert_to_local[e];
+        }
+    }
+    // ---- each token's rows, ascending rank: a stable counting sort of the rank-major rows by token
+    out->token_send_offsets.assign(num_tokens + 1, 0);
+    for (int64_t i = 0; i < num_send; ++i) ++out->token_send_offsets[out->send_token_idx[i] + 1];
+    for (int64_t t = 0; t < num_tokens; ++t) out->token_send_offsets[t + 1] += out->token_send_offsets[t];
+    out->token_send_rows.assign(num_send, 0);
+    std::vector<int64_t> fill(out->token_send_offsets.begin(), out->token_send_offsets.end() - 1);
+    for (int64_t i = 0; i < num_send; ++i) {
+        out->token_send_rows[fill[out->send_token_idx[i]]++] = static_cast<int32_t>(i);
     }
     return "";
 }
@@ -97,9 +125,12 @@ std::string expand_received(const int32_t* recv_slot_expert, int64_t num_recv, i
         out->expert_offsets[e + 1] = out->expert_offsets[e] + out->tokens_per_expert[e];
     }
     const int64_t num_rows = out->expert_offsets[num_local_experts];
+    if (num_rows > std::numeric_limits<int32_t>::max()) {
+        return message("this rank would receive ", num_rows, " expert rows, more than int32 row indices hold");
+    }
     out->row_src.assign(num_rows, 0);
     out->row_slot.assign(num_rows, 0);
-    out->recv_slot_row.assign(num_recv * num_topk, num_rows);
+    out->recv_slot_row.assign(num_recv * num_topk, static_cast<int32_t>(num_rows));
     // NOTES: a stable counting sort: scanning (row, slot) ascending keeps that order inside each expert.
     std::vector<int64_t> cursor(out->expert_offsets.begin(), out->expert_offsets.end() - 1);
     for (int64_t i = 0; i < num_recv; ++i) {
@@ -109,7 +140,7 @@ std::string expand_received(const int32_t* recv_slot_expert, int64_t num_recv, i
             const int64_t row = cursor[e]++;
             out->row_src[row] = static_cast<int32_t>(i);
             out->row_slot[row] = j;
-            out->recv_slot_row[i * num_topk + j] = row;
+            out->recv_slot_row[i * num_topk + j] = static_cast<int32_t>(row);
         }
     }
     return "";

@@ -31,10 +31,15 @@ struct SendPlan {
     std::vector<int64_t> num_overflow_per_rank;  // [R] rows that did not fit the capacity (always 0 in exact mode)
     std::vector<int32_t> send_token_idx;         // [N] source token of each sent row
     std::vector<int32_t> send_slot_expert;       // [N, k] destination-local expert of each slot, -1 = not there
+    // The sent rows of each token, for combine's final sum: rows token_send_rows[token_send_offsets[t] ..
+    // token_send_offsets[t+1]) in ascending destination rank.
+    std::vector<int64_t> token_send_offsets;  // [num_tokens + 1]
+    std::vector<int32_t> token_send_rows;     // [N]
 };
 
-// Plans the send side. topk_idx [num_tokens, num_topk] holds expert ids in [0, E) or -1 (skipped slot).
-// capacity < 0: exact mode (no clip); otherwise at most `capacity` rows per destination, earliest tokens first.
+// Plans the send side in O(num_tokens * num_topk + R). topk_idx [num_tokens, num_topk] holds expert ids in [0, E)
+// or -1 (skipped slot). capacity < 0: exact mode (no clip); otherwise at most `capacity` rows per destination,
+// earliest tokens first.
 std::string plan_dispatch(const int32_t* topk_idx, int64_t num_tokens, int num_topk, const ExpertPlacement& placement,
                           int64_t capacity, SendPlan* out);
 
@@ -44,11 +49,12 @@ struct RecvLayout {
     std::vector<int64_t> expert_offsets;     // [L+1] exclusive prefix sum of tokens_per_expert
     std::vector<int32_t> row_src;            // [M] received row that feeds each expert-major row
     std::vector<int32_t> row_slot;           // [M] slot of that received row
-    std::vector<int64_t> recv_slot_row;      // [N_recv, k] expert-major row of each (received row, slot), M = none
+    std::vector<int32_t> recv_slot_row;      // [N_recv, k] expert-major row of each (received row, slot), M = none
 };
 
 // Expands received rows. recv_slot_expert [num_recv, num_topk] holds local expert ids in [0, L) or -1. Rows are
 // ordered by local expert, then by received row (= source rank, source token), then slot: deterministic.
+// Fails when M would not fit int32 (row indices are int32; byte offsets are computed in int64).
 std::string expand_received(const int32_t* recv_slot_expert, int64_t num_recv, int num_topk, int num_local_experts,
                             RecvLayout* out);
 

@@ -2,7 +2,8 @@
 // and its pybind11 classes. Planning is torch-free (cpp/core/dispatch_layout.h); this file moves tensors.
 //
 // Wire format of a dispatched row (uint8 [row_bytes]):  x bytes [H * elem] | int32 source token | int32 local
-// expert per slot [k] (-1 = slot not on the receiver) | float32 weight per slot [k].
+// expert per slot [k] (-1 = slot not on the receiver) | float32 weight per slot [k]. Rows are not 4-byte aligned
+// in general (odd H with 2-byte dtypes), so metadata is read and written with memcpy.
 // Exact mode sends exactly the planned rows; capacity mode sends `capacity` rows to every rank (padding rows carry
 // token -1 and no slot). Before the payload, one small all-to-all exchanges a DispatchHeader per rank pair: the row
 // counts plus every field that must agree across ranks, so a mismatch raises on every rank.
@@ -10,8 +11,13 @@
 // Combine reduces a token's local slots on the expert rank (fp32, ascending slot), sends one partial row per
 // (token, rank) back in x's dtype, and sums the partials on the source rank in fp32 in ascending rank order. Fixed
 // order everywhere: bitwise deterministic. The only rounding beyond fp32 is the partial's cast to x's dtype.
+//
+// Data movement: CPU tensors (gloo) go through the fused row kernels below (one pass each, parallel over rows,
+// memcpy of whole rows); other devices use the equivalent gathers and index_add_ in ATen ops.
 #include "cpp/torch/runtime.h"
 
+#include <ATen/Dispatch.h>
+#include <ATen/Parallel.h>
 #include <ATen/ops/cat.h>
 #include <ATen/ops/empty.h>
 #include <ATen/ops/from_blob.h>
@@ -21,6 +27,7 @@
 #include <torch/csrc/utils/pybind.h>
 
 #include <chrono>
+#include <cstring>
 #include <functional>
 #include <numeric>
 #include <optional>
@@ -33,12 +40,16 @@ namespace py = pybind11;
 namespace epmoe {
 namespace {
 
-// Copies a host vector into an int64 tensor on `device`.
+// Copies a host vector into a tensor of `dtype` (int32 or int64) on `device`.
 template <typename T>
-at::Tensor to_device_i64(const std::vector<T>& v, const at::Device& device) {
-    auto host = at::empty({static_cast<int64_t>(v.size())}, at::TensorOptions().dtype(at::kLong));
-    int64_t* p = host.data_ptr<int64_t>();
-    for (size_t i = 0; i < v.size(); ++i) p[i] = static_cast<int64_t>(v[i]);
+at::Tensor to_device(const std::vector<T>& v, at::ScalarType dtype, const at::Device& device) {
+    auto host = at::empty({static_cast<int64_t>(v.size())}, at::TensorOptions().dtype(dtype));
+    if (dtype == at::kInt) {
+        std::copy(v.begin(), v.end(), host.data_ptr<int32_t>());
+    } else {
+        TORCH_INTERNAL_ASSERT(dtype == at::kLong);
+        std::copy(v.begin(), v.end(), host.data_ptr<int64_t>());
+    }
     return host.to(device);
 }
 
@@ -75,6 +86,11 @@ class ProcessGroupCommunicator final : public Communicator {
                                                   in);
     }
     void destroy() override { pg_.reset(); }
+    // The timeout of this group's collectives: the one given, else the process group's own.
+    std::chrono::milliseconds timeout() const {
+        TORCH_CHECK(pg_, "the EP group was destroyed");
+        return timeout_ != c10d::kUnsetTimeout ? timeout_ : pg_->getDefaultBackend()->getBackendOptions()->timeout;
+    }
 
   private:
     c10::intrusive_ptr<c10d::ProcessGroup> pg_;
@@ -83,7 +99,7 @@ class ProcessGroupCommunicator final : public Communicator {
 
 // ---- the dispatch handle -----------------------------------------------------------------------------------------
 
-// Everything combine and the backward passes need; tensors live on x's device, int64 unless noted.
+// Everything combine and the backward passes need; tensors live on x's device, int32 unless noted.
 struct DispatchHandle {
     int64_t rank = 0, num_ranks = 1, num_tokens = 0, hidden = 0, num_topk = 0, num_local_experts = 0;
     at::ScalarType dtype = at::kFloat;
@@ -92,12 +108,14 @@ struct DispatchHandle {
     std::vector<int64_t> num_send_per_rank, num_recv_per_rank;  // rows carrying data, per rank pair
     std::vector<int64_t> send_splits, recv_splits;              // rows on the wire (capacity mode: padded)
     at::Tensor send_token_idx;    // [N_send] source token of each sent row (rank-major, token ascending)
-    at::Tensor send_wire_pos;     // [N_send] its row in the send wire buffer
+    at::Tensor send_wire_pos;     // int64 [N_send] its row in the send wire buffer
+    std::vector<int64_t> token_send_offsets;  // host [num_tokens + 1] and [N_send]: each token's sent rows,
+    std::vector<int32_t> token_send_rows;     // ascending rank (core::SendPlan)
     at::Tensor recv_src_rank;     // [N_wire_recv] source rank of each received wire row
     at::Tensor recv_src_token;    // [N_wire_recv] source token, -1 for capacity padding
     at::Tensor recv_slot_row;     // [N_wire_recv, k] expert-major row of each (received row, slot), M = none
     at::Tensor row_src, row_slot;  // [M] received wire row and slot of each expert-major row
-    at::Tensor overflow;          // [R] rows this rank could not send to each rank (capacity mode)
+    at::Tensor overflow;          // int64 [R] rows this rank could not send to each rank (capacity mode)
     int64_t num_send_overflow = 0;  // sum of overflow
     int64_t num_recv_overflow = 0;  // rows other ranks could not send to this rank
     int64_t num_recv_rows = 0;      // M
@@ -112,6 +130,92 @@ struct DispatchHandle {
     }
 };
 using HandlePtr = std::shared_ptr<DispatchHandle>;
+
+// ---- CPU row kernels ---------------------------------------------------------------------------------------------
+
+constexpr int64_t kRowGrain = 64;  // rows per task: each row is H elements, so a task is tens of microseconds
+
+// Writes the sent rows into the wire buffer [N_wire, row_bytes]: row i at wire_pos[i] gets x[token] and its meta.
+// Capacity padding rows (not in wire_pos) must already hold 0xFF.
+void pack_rows_cpu(uint8_t* wire, int64_t row_bytes, const uint8_t* x, int64_t x_bytes, const float* topk_weights,
+                   const core::SendPlan& plan, const int64_t* wire_pos) {
+    const int64_t k = plan.num_topk;
+    const int64_t num_send = static_cast<int64_t>(plan.send_token_idx.size());
+    at::parallel_for(0, num_send, kRowGrain, [&](int64_t begin, int64_t end) {
+        for (int64_t i = begin; i < end; ++i) {
+            const int32_t token = plan.send_token_idx[i];
+            const int32_t* slots = plan.send_slot_expert.data() + i * k;
+            uint8_t* dst = wire + wire_pos[i] * row_bytes;
+            std::memcpy(dst, x + token * x_bytes, x_bytes);
+            uint8_t* meta = dst + x_bytes;
+            std::memcpy(meta, &token, 4);
+            std::memcpy(meta + 4, slots, 4 * k);
+            for (int64_t j = 0; j < k; ++j) {
+                const float w = slots[j] >= 0 ? topk_weights[token * k + j] : 0.0f;
+                std::memcpy(meta + 4 * (1 + k + j), &w, 4);
+            }
+        }
+    });
+}
+
+// Expert-major rows from the received wire: recv_x[m] = x bytes of wire row row_src[m], recv_w[m] = its weight of
+// slot row_slot[m].
+void unpack_rows_cpu(const uint8_t* wire, int64_t row_bytes, int64_t x_bytes, int64_t k,
+                     const core::RecvLayout& layout, uint8_t* recv_x, float* recv_w) {
+    const int64_t num_rows = static_cast<int64_t>(layout.row_src.size());
+    at::parallel_for(0, num_rows, kRowGrain, [&](int64_t begin, int64_t end) {
+        for (int64_t m = begin; m < end; ++m) {
+            const uint8_t* src = wire + layout.row_src[m] * row_bytes;
+            std::memcpy(recv_x + m * x_bytes, src, x_bytes);
+            std::memcpy(recv_w + m, src + x_bytes + 4 * (1 + k + layout.row_slot[m]), 4);
+        }
+    });
+}
+
+// Combine on the expert rank: partial[i] = sum_j w[row(i, j)] * expert_out[row(i, j)] over the slots j of received
+// row i that landed here, ascending j, fp32 accumulation, one pass. weights == nullptr: unweighted sum.
+template <typename scalar_t>
+void reduce_slots_cpu(const scalar_t* expert_out, const float* weights, const int32_t* slot_row, int64_t num_rows,
+                      int64_t num_recv, int64_t k, int64_t hidden, scalar_t* partial) {
+    at::parallel_for(0, num_recv, kRowGrain / 4, [&](int64_t begin, int64_t end) {
+        std::vector<float> acc(hidden);
+        for (int64_t i = begin; i < end; ++i) {
+            std::fill(acc.begin(), acc.end(), 0.0f);
+            for (int64_t j = 0; j < k; ++j) {
+                const int64_t row = slot_row[i * k + j];
+                if (row == num_rows) continue;  // slot not on this rank
+                const scalar_t* src = expert_out + row * hidden;
+                if (weights != nullptr) {
+                    const float w = weights[row];
+                    for (int64_t c = 0; c < hidden; ++c) acc[c] += w * static_cast<float>(src[c]);
+                } else {
+                    for (int64_t c = 0; c < hidden; ++c) acc[c] += static_cast<float>(src[c]);
+                }
+            }
+            scalar_t* dst = partial + i * hidden;
+            for (int64_t c = 0; c < hidden; ++c) dst[c] = static_cast<scalar_t>(acc[c]);
+        }
+    });
+}
+
+// Combine on the source rank: out[t] = sum of the returned rows of token t in ascending rank order, fp32
+// accumulation; tokens sent nowhere get zeros. back is the returned wire [N_wire_send, C].
+template <typename scalar_t>
+void sum_partials_cpu(const scalar_t* back, const DispatchHandle& h, int64_t num_cols, scalar_t* out) {
+    const int64_t* wire_pos = h.send_wire_pos.data_ptr<int64_t>();
+    at::parallel_for(0, h.num_tokens, kRowGrain, [&](int64_t begin, int64_t end) {
+        std::vector<float> acc(num_cols);
+        for (int64_t t = begin; t < end; ++t) {
+            std::fill(acc.begin(), acc.end(), 0.0f);
+            for (int64_t p = h.token_send_offsets[t]; p < h.token_send_offsets[t + 1]; ++p) {
+                const scalar_t* src = back + wire_pos[h.token_send_rows[p]] * num_cols;
+                for (int64_t c = 0; c < num_cols; ++c) acc[c] += static_cast<float>(src[c]);
+            }
+            scalar_t* dst = out + t * num_cols;
+            for (int64_t c = 0; c < num_cols; ++c) dst[c] = static_cast<scalar_t>(acc[c]);
+        }
+    });
+}
 
 // A result whose transfer may still be in flight: wait() finishes the transfer and the unpacking.
 template <typename Result>
@@ -157,7 +261,7 @@ class Runtime {
 #ifdef EPMOE_WITH_NCCL
     void init_nccl(const py::bytes& unique_id, int device) {
         TORCH_CHECK(!nccl_, "the NCCL communicator of this EP group is already initialised");
-        nccl_ = make_nccl_communicator(std::string(unique_id), rank_, num_ranks_, device);
+        nccl_ = make_nccl_communicator(std::string(unique_id), rank_, num_ranks_, device, host_->timeout());
     }
 #endif
     bool has_nccl() const { return static_cast<bool>(nccl_); }
@@ -247,16 +351,18 @@ class Runtime {
         h->drop_overflow = drop_overflow;
         h->num_send_per_rank = plan.num_send_per_rank;
         h->send_splits = capacity_mode ? std::vector<int64_t>(num_ranks_, capacity) : plan.num_send_per_rank;
-        h->overflow = to_device_i64(plan.num_overflow_per_rank, device);
+        h->overflow = to_device(plan.num_overflow_per_rank, at::kLong, device);
         h->num_send_overflow = sum(plan.num_overflow_per_rank);
-        h->send_token_idx = to_device_i64(plan.send_token_idx, device);
+        h->send_token_idx = to_device(plan.send_token_idx, at::kInt, device);
         std::vector<int64_t> wire_pos(plan.send_token_idx.size());
-        for (int r = 0, n = 0; r < num_ranks_; ++r) {
+        for (int64_t r = 0, n = 0; r < num_ranks_; ++r) {
             const int64_t base = capacity_mode ? r * capacity : n;
             for (int64_t i = 0; i < plan.num_send_per_rank[r]; ++i) wire_pos[n + i] = base + i;
-            n += static_cast<int>(plan.num_send_per_rank[r]);
+            n += plan.num_send_per_rank[r];
         }
-        h->send_wire_pos = to_device_i64(wire_pos, device);
+        h->send_wire_pos = to_device(wire_pos, at::kLong, device);
+        h->token_send_offsets = plan.token_send_offsets;
+        h->token_send_rows = plan.token_send_rows;
 
         // ---- header exchange: counts + agreement (the one host sync of exact mode)
         core::DispatchHeader mine{};
@@ -296,17 +402,31 @@ class Runtime {
         const int64_t meta_words = 1 + 2 * num_topk;
         const int64_t row_bytes = x_bytes + 4 * meta_words;
         const int64_t num_send = static_cast<int64_t>(plan.send_token_idx.size());
-        auto slots = at::from_blob(plan.send_slot_expert.data(), {num_send, num_topk}, at::kInt).to(device);
-        auto tokens = h->send_token_idx.to(at::kInt).unsqueeze(1);
         const at::Tensor x_c = x.contiguous();
-        auto weights = topk_weights.to(at::kFloat).index_select(0, h->send_token_idx) * slots.ge(0);
-        auto meta = at::cat({tokens, slots, weights.view(at::kInt)}, 1);
-        auto rows = at::cat({x_c.index_select(0, h->send_token_idx).view(at::kByte), meta.view(at::kByte)}, 1);
-        at::Tensor send_wire = rows;
-        if (capacity_mode) {
-            // Padding rows: all bytes 0xFF, i.e. token -1 and every slot -1.
-            send_wire = at::full({num_ranks_ * capacity, row_bytes}, 255, x.options().dtype(at::kByte));
-            send_wire.index_copy_(0, h->send_wire_pos, rows);
+        at::Tensor send_wire;
+        if (x.is_cpu()) {
+            send_wire = at::empty({sum(h->send_splits), row_bytes}, x.options().dtype(at::kByte));
+            uint8_t* wire = send_wire.data_ptr<uint8_t>();
+            for (int r = 0; r < num_ranks_ && capacity_mode; ++r) {  // padding rows: 0xFF = token -1, no slot
+                const int64_t pad_begin = r * capacity + plan.num_send_per_rank[r], pad_end = (r + 1) * capacity;
+                if (pad_end > pad_begin) {
+                    std::memset(wire + pad_begin * row_bytes, 0xFF, (pad_end - pad_begin) * row_bytes);
+                }
+            }
+            const at::Tensor weights = topk_weights.to(at::kFloat).contiguous();
+            pack_rows_cpu(wire, row_bytes, static_cast<const uint8_t*>(x_c.data_ptr()), x_bytes,
+                          weights.data_ptr<float>(), plan, h->send_wire_pos.data_ptr<int64_t>());
+        } else {
+            auto slots = at::from_blob(plan.send_slot_expert.data(), {num_send, num_topk}, at::kInt).to(device);
+            auto tokens = h->send_token_idx.unsqueeze(1);
+            auto weights = topk_weights.to(at::kFloat).index_select(0, h->send_token_idx) * slots.ge(0);
+            auto meta = at::cat({tokens, slots, weights.view(at::kInt)}, 1);
+            send_wire = at::cat({x_c.index_select(0, h->send_token_idx).view(at::kByte), meta.view(at::kByte)}, 1);
+            if (capacity_mode) {
+                auto rows = send_wire;
+                send_wire = at::full({num_ranks_ * capacity, row_bytes}, 255, x.options().dtype(at::kByte));
+                send_wire.index_copy_(0, h->send_wire_pos, rows);
+            }
         }
         auto recv_wire = at::empty({sum(h->recv_splits), row_bytes}, send_wire.options());
         for (int r = 0; r < num_ranks_; ++r) {
@@ -315,57 +435,79 @@ class Runtime {
         total_bytes_sent_ += h->num_bytes_sent;
         auto work = comm.all_to_all(recv_wire, send_wire, h->recv_splits, h->send_splits);
 
-        // ---- unpack on wait(): expert-major expansion (host plan, device gathers)
+        // ---- unpack on wait(): expert-major expansion (host plan; row copies on the host or device gathers)
         auto finish = [h, recv_wire, x_bytes, meta_words, device]() -> DispatchOut {
-            const int64_t num_recv = recv_wire.size(0), k = h->num_topk;
-            auto recv_meta = recv_wire.narrow(1, x_bytes, 4 * meta_words).contiguous().view(at::kInt);
-            const at::Tensor host_meta = recv_meta.cpu();
-            std::vector<int32_t> recv_slots(num_recv * k);
-            const int32_t* m = host_meta.data_ptr<int32_t>();
-            for (int64_t i = 0; i < num_recv; ++i) std::copy_n(m + i * meta_words + 1, k, &recv_slots[i * k]);
+            const int64_t num_recv = recv_wire.size(0), k = h->num_topk, row_bytes = recv_wire.size(1);
+            // The metadata columns: read in place on the CPU, copied to the host from a device.
+            const bool on_cpu = recv_wire.is_cpu();
+            const at::Tensor host_meta = on_cpu ? recv_wire : recv_wire.narrow(1, x_bytes, 4 * meta_words).cpu();
+            const int64_t meta_stride = on_cpu ? row_bytes : 4 * meta_words;
+            const uint8_t* meta = host_meta.data_ptr<uint8_t>() + (on_cpu ? x_bytes : 0);
+            std::vector<int32_t> recv_slots(num_recv * k), recv_token(num_recv);
+            for (int64_t i = 0; i < num_recv; ++i) {
+                std::memcpy(&recv_token[i], meta + i * meta_stride, 4);
+                std::memcpy(&recv_slots[i * k], meta + i * meta_stride + 4, 4 * k);
+            }
             core::RecvLayout layout;
             const std::string err = core::expand_received(recv_slots.data(), num_recv, static_cast<int>(k),
                                                           static_cast<int>(h->num_local_experts), &layout);
             TORCH_CHECK(err.empty(), err);
-            h->num_recv_rows = static_cast<int64_t>(layout.row_src.size());
-            h->row_src = to_device_i64(layout.row_src, device);
-            h->row_slot = to_device_i64(layout.row_slot, device);
-            h->recv_slot_row = to_device_i64(layout.recv_slot_row, device).view({num_recv, k});
-            std::vector<int64_t> src_rank;
+            const int64_t num_rows = static_cast<int64_t>(layout.row_src.size());
+            h->num_recv_rows = num_rows;
+            h->row_src = to_device(layout.row_src, at::kInt, device);
+            h->row_slot = to_device(layout.row_slot, at::kInt, device);
+            h->recv_slot_row = to_device(layout.recv_slot_row, at::kInt, device).view({num_recv, k});
+            std::vector<int32_t> src_rank;
             for (int r = 0; r < h->num_ranks; ++r) src_rank.insert(src_rank.end(), h->recv_splits[r], r);
-            h->recv_src_rank = to_device_i64(src_rank, device);
-            h->recv_src_token = recv_meta.select(1, 0).to(at::kLong);
-            auto recv_rows_x = recv_wire.narrow(1, 0, x_bytes).contiguous().view(h->dtype);
-            auto recv_x = recv_rows_x.index_select(0, h->row_src);
-            auto recv_weights = recv_meta.narrow(1, 1 + k, k).contiguous().view(at::kFloat).reshape({-1});
-            auto recv_topk_weights = recv_weights.index_select(0, h->row_src * k + h->row_slot);
-            return {recv_x, recv_topk_weights, to_device_i64(layout.tokens_per_expert, device),
-                    to_device_i64(layout.expert_offsets, device), h};
+            h->recv_src_rank = to_device(src_rank, at::kInt, device);
+            h->recv_src_token = to_device(recv_token, at::kInt, device);
+            at::Tensor recv_x, recv_topk_weights;
+            if (on_cpu) {
+                recv_x = at::empty({num_rows, h->hidden}, recv_wire.options().dtype(h->dtype));
+                recv_topk_weights = at::empty({num_rows}, recv_wire.options().dtype(at::kFloat));
+                unpack_rows_cpu(recv_wire.data_ptr<uint8_t>(), row_bytes, x_bytes, k, layout,
+                                static_cast<uint8_t*>(recv_x.data_ptr()), recv_topk_weights.data_ptr<float>());
+            } else {
+                auto recv_meta = recv_wire.narrow(1, x_bytes, 4 * meta_words).contiguous().view(at::kInt);
+                recv_x = recv_wire.narrow(1, 0, x_bytes).contiguous().view(h->dtype).index_select(0, h->row_src);
+                auto recv_weights = recv_meta.narrow(1, 1 + k, k).contiguous().view(at::kFloat).reshape({-1});
+                recv_topk_weights = recv_weights.index_select(0, h->row_src * k + h->row_slot);
+            }
+            return {recv_x, recv_topk_weights, to_device(layout.tokens_per_expert, at::kLong, device),
+                    to_device(layout.expert_offsets, at::kLong, device), h};
         };
         return std::make_shared<PendingDispatch>(std::move(work), finish);
     }
 
-    // Sends per-received-row values back to the source ranks and sums them per token (ascending rank).
-    //   rows [N_wire_recv, C] (any float dtype, sent as is) -> fp32 [num_tokens, C] on the source rank
+    // Sends per-received-row values back to the source ranks and sums them per token in fp32, ascending rank.
+    //   rows [N_wire_recv, C] (any float dtype, sent as is) -> [num_tokens, C] in rows' dtype on the source rank
     std::shared_ptr<PendingTensor> reverse(const at::Tensor& rows, const HandlePtr& h) {
         Communicator& comm = comm_for(rows);
-        auto out = at::empty({sum(h->send_splits), rows.size(1)}, rows.options());
+        auto back = at::empty({sum(h->send_splits), rows.size(1)}, rows.options());
         for (int r = 0; r < num_ranks_; ++r) {
             if (r != rank_) total_bytes_sent_ += h->recv_splits[r] * rows.size(1) * rows.element_size();
         }
-        auto work = comm.all_to_all(out, rows.contiguous(), h->send_splits, h->recv_splits);
-        auto finish = [h, out]() -> at::Tensor {
-            auto back = out.index_select(0, h->send_wire_pos).to(at::kFloat);
-            auto result = at::zeros({h->num_tokens, out.size(1)}, back.options());
+        auto work = comm.all_to_all(back, rows.contiguous(), h->send_splits, h->recv_splits);
+        auto finish = [h, back]() -> at::Tensor {
+            const int64_t num_cols = back.size(1);
+            if (back.is_cpu()) {
+                auto out = at::empty({h->num_tokens, num_cols}, back.options());
+                AT_DISPATCH_FLOATING_TYPES_AND2(at::kBFloat16, at::kHalf, back.scalar_type(), "epmoe_sum", [&] {
+                    sum_partials_cpu<scalar_t>(back.data_ptr<scalar_t>(), *h, num_cols, out.data_ptr<scalar_t>());
+                });
+                return out;
+            }
+            auto sent = back.index_select(0, h->send_wire_pos).to(at::kFloat);
+            auto result = at::zeros({h->num_tokens, num_cols}, sent.options());
             // NOTES: a token appears at most once per rank block, so each index_add_ has unique indices and is
             // deterministic on every device; blocks are added in ascending rank order.
             int64_t begin = 0;
             for (int r = 0; r < h->num_ranks; ++r) {
                 const int64_t n = h->num_send_per_rank[r];
-                if (n > 0) result.index_add_(0, h->send_token_idx.narrow(0, begin, n), back.narrow(0, begin, n));
+                if (n > 0) result.index_add_(0, h->send_token_idx.narrow(0, begin, n), sent.narrow(0, begin, n));
                 begin += n;
             }
-            return result;
+            return result.to(back.scalar_type());
         };
         return std::make_shared<PendingTensor>(std::move(work), finish);
     }
@@ -387,22 +529,34 @@ class Runtime {
             TORCH_CHECK_VALUE(weights->dim() == 1 && weights->size(0) == h->num_recv_rows,
                               "recv_topk_weights must have shape [", h->num_recv_rows, "], got ", weights->sizes());
         }
-        const auto fp32 = expert_out.options().dtype(at::kFloat);
-        auto out_pad = at::cat({expert_out.to(at::kFloat), at::zeros({1, h->hidden}, fp32)});
-        at::Tensor w_pad;
-        if (weights.has_value()) w_pad = at::cat({weights->to(at::kFloat), at::zeros({1}, fp32)});
-        const int64_t num_recv = h->recv_slot_row.size(0);
-        auto partial = at::zeros({num_recv, h->hidden}, fp32);
-        for (int64_t j = 0; j < h->num_topk; ++j) {  // ascending slot: fixed order
-            auto idx = h->recv_slot_row.select(1, j);
-            auto rows = out_pad.index_select(0, idx);
-            if (w_pad.defined()) rows = rows * w_pad.index_select(0, idx).unsqueeze(1);
-            partial.add_(rows);
+        const int64_t num_recv = h->recv_slot_row.size(0), k = h->num_topk, hidden = h->hidden;
+        at::Tensor partial;  // [N_wire_recv, H] in x's dtype: one row per received (token, this rank)
+        if (expert_out.is_cpu()) {
+            const at::Tensor out_c = expert_out.contiguous();
+            const at::Tensor w_c = weights.has_value() ? weights->to(at::kFloat).contiguous() : at::Tensor();
+            partial = at::empty({num_recv, hidden}, expert_out.options());
+            AT_DISPATCH_FLOATING_TYPES_AND2(at::kBFloat16, at::kHalf, h->dtype, "epmoe_combine_reduce", [&] {
+                const float* w_ptr = w_c.defined() ? w_c.data_ptr<float>() : nullptr;
+                reduce_slots_cpu<scalar_t>(out_c.data_ptr<scalar_t>(), w_ptr, h->recv_slot_row.data_ptr<int32_t>(),
+                                           h->num_recv_rows, num_recv, k, hidden, partial.data_ptr<scalar_t>());
+            });
+        } else {
+            const auto fp32 = expert_out.options().dtype(at::kFloat);
+            auto out_pad = at::cat({expert_out.to(at::kFloat), at::zeros({1, hidden}, fp32)});
+            at::Tensor w_pad;
+            if (weights.has_value()) w_pad = at::cat({weights->to(at::kFloat), at::zeros({1}, fp32)});
+            auto acc = at::zeros({num_recv, hidden}, fp32);
+            for (int64_t j = 0; j < k; ++j) {  // ascending slot: fixed order
+                auto idx = h->recv_slot_row.select(1, j);
+                auto rows = out_pad.index_select(0, idx);
+                if (w_pad.defined()) rows = rows * w_pad.index_select(0, idx).unsqueeze(1);
+                acc.add_(rows);
+            }
+            partial = acc.to(h->dtype);
         }
-        auto pending = reverse(partial.to(h->dtype), h);
-        auto dtype = h->dtype;
-        return std::make_shared<PendingTensor>(nullptr, [pending, h, dtype]() -> at::Tensor {
-            at::Tensor y = pending->wait().to(dtype);
+        auto pending = reverse(partial, h);
+        return std::make_shared<PendingTensor>(nullptr, [pending, h]() -> at::Tensor {
+            at::Tensor y = pending->wait();
             h->check();  // after the exchange: an overflow never leaves a peer waiting
             return y;
         });
@@ -433,17 +587,17 @@ class Runtime {
                           h ? h->num_recv_rows : 0, "], got ", values.sizes());
         const int64_t num_recv = h->recv_slot_row.size(0);
         auto per_row = at::zeros({num_recv * h->num_topk}, values.options().dtype(at::kFloat));
-        per_row.index_copy_(0, h->row_src * h->num_topk + h->row_slot, values.to(at::kFloat));
+        per_row.index_copy_(0, h->row_src.to(at::kLong) * h->num_topk + h->row_slot, values.to(at::kFloat));
         return reverse(per_row.view({num_recv, h->num_topk}), h)->wait();
     }
 
-    // Unweighted reverse of expert-major rows [M, H] -> [num_tokens, H] in fp32 (dispatch backward for x).
+    // Unweighted reverse of expert-major rows [M, H] -> [num_tokens, H] in x's dtype (dispatch backward for x).
     at::Tensor reverse_rows(const at::Tensor& rows, const HandlePtr& h) {
         return combine(rows.to(h->dtype), std::nullopt, h)->wait();
     }
 
   private:
-    std::unique_ptr<Communicator> host_;
+    std::unique_ptr<ProcessGroupCommunicator> host_;
     std::unique_ptr<Communicator> nccl_;
     int rank_ = 0, num_ranks_ = 1;
     int64_t total_bytes_sent_ = 0;
@@ -467,11 +621,11 @@ void register_runtime(py::module_& m) {
         .def_property_readonly("mode", [](const DispatchHandle& h) { return h.capacity_mode ? "capacity" : "exact"; })
         .def_readonly("num_send_per_rank", &DispatchHandle::num_send_per_rank, "rows sent to each rank")
         .def_readonly("num_recv_per_rank", &DispatchHandle::num_recv_per_rank, "rows received from each rank")
-        .def_readonly("send_token_idx", &DispatchHandle::send_token_idx, "int64 [N_send] token of each sent row")
-        .def_readonly("recv_src_rank", &DispatchHandle::recv_src_rank, "int64 [N_recv] source rank of each row")
-        .def_readonly("recv_src_token", &DispatchHandle::recv_src_token, "int64 [N_recv] source token, -1 = pad")
-        .def_readonly("row_src", &DispatchHandle::row_src, "int64 [M] received row of each recv_x row")
-        .def_readonly("row_slot", &DispatchHandle::row_slot, "int64 [M] top-k slot of each recv_x row")
+        .def_readonly("send_token_idx", &DispatchHandle::send_token_idx, "int32 [N_send] token of each sent row")
+        .def_readonly("recv_src_rank", &DispatchHandle::recv_src_rank, "int32 [N_recv] source rank of each row")
+        .def_readonly("recv_src_token", &DispatchHandle::recv_src_token, "int32 [N_recv] source token, -1 = pad")
+        .def_readonly("row_src", &DispatchHandle::row_src, "int32 [M] received row of each recv_x row")
+        .def_readonly("row_slot", &DispatchHandle::row_slot, "int32 [M] top-k slot of each recv_x row")
         .def_readonly("overflow", &DispatchHandle::overflow, "int64 [R] rows not sent to each rank (capacity)")
         .def_readonly("num_send_overflow", &DispatchHandle::num_send_overflow)
         .def_readonly("num_recv_overflow", &DispatchHandle::num_recv_overflow)

@@ -5,6 +5,7 @@
 #include <ATen/core/Tensor.h>
 #include <pybind11/pybind11.h>
 
+#include <chrono>
 #include <cstdint>
 #include <memory>
 #include <string>
@@ -12,8 +13,9 @@
 
 namespace epmoe {
 
-// A transfer in flight. wait() blocks until it is done (gloo) or orders the caller's CUDA stream after it (NCCL),
-// and rethrows transport errors (a dead peer, a timeout). The buffers stay alive until the work is destroyed.
+// A transfer in flight. wait() blocks until it is done (gloo; NCCL: the host polls for completion, then orders the
+// caller's CUDA stream after it) and raises on transport errors (a dead peer, a timeout). The buffers stay alive
+// until the work is destroyed.
 class CommWork {
   public:
     virtual ~CommWork() = default;
@@ -37,9 +39,11 @@ class Communicator {
 #ifdef EPMOE_WITH_NCCL
 // NCCL bootstrap, driven from Python: rank 0 makes an id, the process group broadcasts it, every rank connects.
 std::string nccl_unique_id();
-// One ncclComm_t for the EP group on `device`, with its own communication stream; see nccl_communicator.cpp.
-std::unique_ptr<Communicator> make_nccl_communicator(const std::string& unique_id, int rank, int num_ranks,
-                                                     int device);
+// One non-blocking ncclComm_t for the EP group on `device`, with its own communication stream. Every wait polls
+// NCCL's error state against `timeout`; on an error or at the deadline the communicator is aborted and the wait
+// raises, so a dead peer never hangs the caller. See nccl_communicator.cpp.
+std::unique_ptr<Communicator> make_nccl_communicator(const std::string& unique_id, int rank, int num_ranks, int device,
+                                                     std::chrono::milliseconds timeout);
 #endif
 
 // Adds the runtime classes (Runtime, DispatchHandle, pending results) to the _C module.

@@ -32,9 +32,9 @@ class DispatchHandle:
     """What combine and the backward passes need. Named fields (tensors on x's device unless noted):
 
     num_send_per_rank / num_recv_per_rank (list[int]): token rows sent to / received from each rank.
-    send_token_idx int64 [N_send]: source token of each sent row (rank-major, token ascending).
-    recv_src_rank / recv_src_token int64 [N_recv]: origin of each received row (token -1 = capacity padding).
-    row_src / row_slot int64 [M]: received row and top-k slot of each `recv_x` row.
+    send_token_idx int32 [N_send]: source token of each sent row (rank-major, token ascending).
+    recv_src_rank / recv_src_token int32 [N_recv]: origin of each received row (token -1 = capacity padding).
+    row_src / row_slot int32 [M]: received row and top-k slot of each `recv_x` row.
     overflow int64 [R]: rows this rank could not send to each rank (capacity mode); num_send_overflow (int) is their
     sum, num_recv_overflow (int) the rows other ranks could not send here.
     num_bytes_sent (int): dispatch payload bytes this rank sent to other ranks.
@@ -142,7 +142,8 @@ class EPGroup:
         process_group: the EP group (default: WORLD). Its backend must support all_to_all_single with split sizes
             for CPU tensors (gloo does); CUDA tensors use an NCCL communicator that this group creates on first use.
         timeout: seconds per collective; None = the process group's own timeout. A dead or disagreeing peer
-            raises RuntimeError on the other ranks instead of hanging.
+            raises RuntimeError on the other ranks instead of hanging. On CUDA the NCCL communicator is polled for
+            errors while waiting and aborted on an error or at the timeout; the group's CUDA path is then unusable.
     """
 
     def __init__(self, process_group: dist.ProcessGroup | None = None, timeout: float | None = None):

@@ -38,6 +38,9 @@ TEST(DispatchLayout, SendPlanDeduplicatesPerRank) {
     EXPECT_EQ(plan.send_token_idx, (std::vector<int32_t>{0, 2, 1, 2}));
     EXPECT_EQ(plan.send_slot_expert, (std::vector<int32_t>{0, 1, 1, -1, 1, -1, -1, 0}));
     EXPECT_EQ(plan.num_overflow_per_rank, (std::vector<int64_t>{0, 0}));
+    // each token's rows in ascending rank: token 0 -> row 0, token 1 -> row 2, token 2 -> rows 1 (rank 0), 3
+    EXPECT_EQ(plan.token_send_offsets, (std::vector<int64_t>{0, 1, 2, 4}));
+    EXPECT_EQ(plan.token_send_rows, (std::vector<int32_t>{0, 2, 1, 3}));
 }
 
 TEST(DispatchLayout, CapacityClipsLatestTokensAndCountsOverflow) {
@@ -49,6 +52,8 @@ TEST(DispatchLayout, CapacityClipsLatestTokensAndCountsOverflow) {
     EXPECT_EQ(plan.num_send_per_rank, (std::vector<int64_t>{2, 1}));
     EXPECT_EQ(plan.num_overflow_per_rank, (std::vector<int64_t>{1, 0}));
     EXPECT_EQ(plan.send_token_idx, (std::vector<int32_t>{0, 1, 3}));
+    EXPECT_EQ(plan.send_slot_expert, (std::vector<int32_t>{0, 0, 0}));
+    EXPECT_EQ(plan.token_send_offsets, (std::vector<int64_t>{0, 1, 2, 2, 3}));  // token 2 was clipped
 }
 
 TEST(DispatchLayout, RejectsOutOfRangeExpertIds) {
@@ -68,7 +73,7 @@ TEST(DispatchLayout, ExpansionIsExpertMajorAndStable) {
     EXPECT_EQ(layout.expert_offsets, (std::vector<int64_t>{0, 2, 4}));
     EXPECT_EQ(layout.row_src, (std::vector<int32_t>{0, 2, 0, 1}));
     EXPECT_EQ(layout.row_slot, (std::vector<int32_t>{1, 0, 0, 1}));
-    EXPECT_EQ(layout.recv_slot_row, (std::vector<int64_t>{2, 0, 4, 3, 1, 4}));
+    EXPECT_EQ(layout.recv_slot_row, (std::vector<int32_t>{2, 0, 4, 3, 1, 4}));
     const std::vector<int32_t> bad = {2, -1};
     EXPECT_NE(expand_received(bad.data(), 1, 2, 2, &layout).find("disagree"), std::string::npos);
 }
@@ -79,6 +84,7 @@ TEST(DispatchLayout, EmptyInputs) {
     SendPlan plan;
     ASSERT_EQ(plan_dispatch(nullptr, 0, 2, p, -1, &plan), "");
     EXPECT_TRUE(plan.send_token_idx.empty());
+    EXPECT_EQ(plan.token_send_offsets, (std::vector<int64_t>{0}));
     RecvLayout layout;
     ASSERT_EQ(expand_received(nullptr, 0, 2, 2, &layout), "");
     EXPECT_EQ(layout.expert_offsets, (std::vector<int64_t>{0, 0, 0}));

@@ -1,0 +1,38 @@
+"""`epmoe demo` (the main job) end to end on 2 gloo ranks: the table, the JSON report and the plot."""
+
+import json
+import subprocess
+import sys
+
+import pytest
+
+
+@pytest.mark.parametrize("preset", ["deepseek-v3-mini", "qwen3-mini"])
+def test_demo_runs_and_matches_reference(tmp_path, preset):
+    out = tmp_path / "demo"
+    cmd = [sys.executable, "-m", "epmoe.cli", "demo", "--ranks", "2", "--steps", "2", "--tokens", "128",
+           "--preset", preset, "--out", str(out)]
+    proc = subprocess.run(cmd, capture_output=True, text=True, timeout=300, check=False)
+    assert proc.returncode == 0, proc.stdout + proc.stderr
+    assert "MATCH" in proc.stdout and "per-rank load max/mean" in proc.stdout
+    report = json.loads((out / "report.json").read_text())
+    assert report["match"] is True and report["max_abs_err"] <= report["tolerance"]
+    assert report["ranks"] == 2 and len(report["before"]["rank_load"]) == 2
+    assert len(report["before"]["bytes_sent_per_rank"]) == 2 and min(report["before"]["bytes_sent_per_rank"]) > 0
+    # EPLB never makes the recorded window less balanced than the placement it replaced.
+    assert report["rebalance"]["balancedness_after"] >= report["rebalance"]["balancedness_before"]
+    assert (out / "load.png").stat().st_size > 0
+
+
+def test_demo_rejects_bad_arguments():
+    proc = subprocess.run([sys.executable, "-m", "epmoe.cli", "demo", "--steps", "0"], capture_output=True,
+                          text=True, timeout=120, check=False)
+    assert proc.returncode != 0 and "--steps" in proc.stderr
+
+
+def test_bench_runner_prints_summary(tmp_path):
+    cmd = [sys.executable, "-m", "epmoe.cli", "bench", "--only", "bench_eplb", "--quick", "--out", str(tmp_path)]
+    proc = subprocess.run(cmd, capture_output=True, text=True, timeout=300, check=False)
+    assert proc.returncode == 0, proc.stdout + proc.stderr
+    summary = json.loads((tmp_path / "bench_eplb.json").read_text())["summary"]
+    assert summary and all(row["metric"] in proc.stdout for row in summary)

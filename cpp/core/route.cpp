@@ -118,13 +118,17 @@ inline void select_topk(const float* __restrict values, const int32_t* __restric
     constexpr int kNumFilterLanes = 16, kMaxRanked = 64;
     float threshold = kNegInf;
     if (k <= kNumFilterLanes and n >= 2 * kNumFilterLanes) {
+        // GCC vector extension: one 16-lane max per block, whatever the clone's ISA (1 zmm, 2 ymm or 4 xmm)
+        typedef float Lanes __attribute__((vector_size(kNumFilterLanes * sizeof(float))));
+        Lanes maxima;
+        std::memcpy(&maxima, values, sizeof(Lanes));
+        for (int base = kNumFilterLanes; base + kNumFilterLanes <= n; base += kNumFilterLanes) {
+            Lanes block;
+            std::memcpy(&block, values + base, sizeof(Lanes));
+            maxima = block > maxima ? block : maxima;
+        }
         float lane_max[kNumFilterLanes];
-        for (int l = 0; l < kNumFilterLanes; ++l)
-            lane_max[l] = values[l];
-        int base = kNumFilterLanes;
-        for (; base + kNumFilterLanes <= n; base += kNumFilterLanes)
-            for (int l = 0; l < kNumFilterLanes; ++l)
-                lane_max[l] = values[base + l] > lane_max[l] ? values[base + l] : lane_max[l];
+        std::memcpy(lane_max, &maxima, sizeof(Lanes));
         // The k-th largest lane maximum v: fewer than k maxima above v, at least k at or above it
         for (int l = 0; l < kNumFilterLanes; ++l) {
             int num_greater = 0, num_greater_equal = 0;

@@ -6,6 +6,7 @@
 // the output buffer. Inside a parallel region the GEMM runs single-threaded, so the items do not oversubscribe.
 // Empty experts produce no item.
 #include <ATen/Parallel.h>
+#include <ATen/ThreadLocalState.h>
 #include <ATen/core/Tensor.h>
 #include <ATen/ops/empty.h>
 #include <ATen/ops/empty_like.h>
@@ -82,7 +83,11 @@ void run_items(const std::vector<Item>& items, const std::function<void(const It
     const int64_t num_items = static_cast<int64_t>(items.size());
     const int64_t num_workers = std::min<int64_t>(at::get_num_threads(), num_items);
     std::atomic<int64_t> next{0};
+    // NOTES: the ATen calls in the workers must see the caller's thread-local state (grad mode off, autograd keys
+    // excluded inside an op); OpenMP worker threads start without it.
+    const at::ThreadLocalState state;
     at::parallel_for(0, num_workers, 1, [&](int64_t begin, int64_t end) {
+        const at::ThreadLocalStateGuard state_guard(state);
         for (int64_t w = begin; w < end; ++w) {
             for (int64_t i = next.fetch_add(1); i < num_items; i = next.fetch_add(1)) fn(items[i]);
         }
@@ -184,7 +189,9 @@ at::Tensor swiglu_backward_cpu(const at::Tensor& grad_h, const at::Tensor& gu) {
     if (num_rows == 0) return grad_gu;
     // Blocks of ~64 KiB of fp32 temporaries each (cache-resident), computed with vectorised ATen kernels.
     const int64_t block = std::max<int64_t>(1, 16384 / std::max<int64_t>(inter, 1));
+    const at::ThreadLocalState state;  // see run_items
     at::parallel_for(0, (num_rows + block - 1) / block, 1, [&](int64_t block_begin, int64_t block_end) {
+        const at::ThreadLocalStateGuard state_guard(state);
         for (int64_t b = block_begin; b < block_end; ++b) {
             swiglu_backward_rows(grad_h, gu, grad_gu, b * block, std::min(num_rows, (b + 1) * block));
         }

@@ -186,6 +186,10 @@ class Placement:
             raise ValueError("logcnt: every logical expert needs at least one replica")
         if np.any(self._logcnt.sum(axis=1) != self.num_slots):
             raise ValueError("logcnt: replica counts must sum to num_slots on every layer")
+        # Fast path: a valid log2phy is the one `_log2phy_from_phy2log` builds (slots of each expert ascending).
+        log2phy, logcnt = _log2phy_from_phy2log(self._phy2log, self.num_experts)
+        if np.array_equal(log2phy, self._log2phy) and np.array_equal(logcnt, self._logcnt):
+            return
         valid = np.arange(self.max_replicas)[None, None, :] < self._logcnt[:, :, None]
         if np.any((self._log2phy >= 0) != valid):
             raise ValueError("log2phy: the first logcnt entries of each expert must be slots, the rest -1")

@@ -5,14 +5,23 @@ Fresh plan, per layer (all layers at once, numpy):
   2. replica counts: give each extra slot to the expert with the largest per-copy load (optimal for the largest
      per-copy load), never more copies than ranks in scope so that no rank needs two copies of one expert.
   3. replicas -> ranks: round-robin LPT (per round the heaviest remaining replicas go to the lightest ranks),
-     a repair pass for same-rank duplicates, then swaps between the heaviest rank and the lightest ranks until
-     the heaviest rank cannot be lowered.
-Incremental plan (`previous=` and `max_moves=`): start from the previous slots and apply the best-scoring
-single-slot re-assignments (1 slot change: one replica of an expert with spare copies becomes a replica of
-another expert) and cross-rank swaps (2 slot changes) until the budget is used or nothing improves.
+     a repair pass for same-rank duplicates, rounds of pairwise swaps (i-th heaviest <-> i-th lightest rank), then
+     swaps between the heaviest rank and the lightest ranks until the heaviest rank cannot be lowered.
+  4. where the one-copy-per-rank cap binds (an expert has >= R - 1 copies in its scope), step 3 also runs on
+     replica-count variants (one copy moved between two of the three most replicated experts), all variants in one
+     call, and the best packing is kept.
+Incremental plan (`previous=` and `max_moves=`): greedy local search from the previous slots, all layers at once.
+Potential: sum over ranks of ((load - mean)_+ / mean) ** 4. Each step scores, per layer, the best swap of each of the
+heaviest ranks with a slot of another rank (2 slot changes; screened in float32, then scored exactly) and the best
+re-assignments (1 slot change: a replica of an expert with spare copies becomes a replica of another expert), by
+potential decrease per slot change; it then applies, in decreasing score, every candidate that touches ranks and
+experts disjoint from those already taken and scores at least half the best one, within the budget. Slots already
+changed are free to change again. It stops when the budget is used or nothing improves.
 """
 
 from __future__ import annotations
+
+from typing import NamedTuple
 
 import numpy as np
 import torch
@@ -23,12 +32,31 @@ __all__ = ["plan", "STRATEGIES"]
 
 STRATEGIES = ("global", "hierarchical")
 
-_REFINE_PARTNERS = 8
-_MAX_REFINE = 16
+_REFINE_LIGHT = 16
+_REFINE_SMALL = 8
+_MAX_REFINE = 12
 _PAIR_ROUNDS = 8
-_PAIRS = 32
-_REPAIR_HEAVY_RANKS = 4
-_REPAIR_POWER = 4
+_PAIRS = 8
+_VARIANT_EXPERTS = 3
+_REPAIR_HEAVY_RANKS = 2
+_REPAIR_LIGHT_RANKS = 64
+_REPAIR_SWAP_BUDGET = 4096
+_REPAIR_SOURCES = 32
+_REPAIR_TARGETS = 8
+_REPAIR_CHEAP_TARGETS = 4
+_REPAIR_EXACT = 4
+_REPAIR_BATCH = 0.5
+
+
+def _gather(arr: np.ndarray, index: np.ndarray) -> np.ndarray:
+    """arr [A, n] gathered along dim 1 by index [A, ...] (any trailing shape) -> [A, ...]."""
+    return np.take_along_axis(arr, index.reshape(index.shape[0], -1), axis=1).reshape(index.shape)
+
+
+def _at(table: np.ndarray, i: np.ndarray, j: np.ndarray, k: np.ndarray) -> np.ndarray:
+    """table[i, j, k] for a contiguous 3-d table and broadcasting integer index arrays (one flat take)."""
+    _, n1, n2 = table.shape
+    return table.reshape(-1)[(i * n1 + j) * n2 + k]
 
 
 def _replicate(weight: np.ndarray, num_phy: int, max_copies: int | None) -> np.ndarray:
@@ -82,10 +110,10 @@ def _refine(pw, pk, load, has, bound, avoid_conflicts: bool, max_iters: int) -> 
     num_rows, num_packs, num_per_pack = pw.shape
     if num_packs == 1:
         return
-    # Keep the [A, S, T, S] candidate array small when packs hold many items.
+    # Keep the [A, S, S, T] candidate array small when packs hold many items.
     budget = max(1, 4096 // (num_per_pack * num_per_pack))
-    num_light = min(num_packs - 1, _REFINE_PARTNERS, budget)
-    num_small = min(num_packs * num_per_pack - 1, _REFINE_PARTNERS, budget)
+    num_light = min(num_packs - 1, _REFINE_LIGHT, budget)
+    num_small = min(num_packs * num_per_pack - 1, _REFINE_SMALL, budget)
     num_partners = num_light + num_small
     active = np.nonzero(load.max(axis=1) > bound)[0]
     for _ in range(max_iters):
@@ -101,23 +129,24 @@ def _refine(pw, pk, load, has, bound, avoid_conflicts: bool, max_iters: int) -> 
         partners = np.concatenate([lightest, small], axis=1)
         lh = ld[np.arange(active.size), heavy]
         lp = np.take_along_axis(ld, partners, axis=1)
+        # Layout [A, S (heavy item), S (partner item), T (partner)]: the long axis last.
         wh = pw[active, heavy]  # [A, S]
-        wp = pw[active[:, None], partners]  # [A, T, S]
-        d = wh[:, :, None, None] - wp[:, None, :, :]  # [A, S, T, S]
-        new_max = np.maximum(lh[:, None, None, None] - d, lp[:, None, :, None] + d)
-        valid = (d > 0) & (partners != heavy[:, None])[:, None, :, None]
+        wp = pw[active[:, None], partners].transpose(0, 2, 1)  # [A, S, T]
+        d = wh[:, :, None, None] - wp[:, None, :, :]  # [A, S, S, T]
+        new_max = np.maximum(lh[:, None, None, None] - d, lp[:, None, None, :] + d)
+        valid = (d > 0) & (partners != heavy[:, None])[:, None, None, :]
         if avoid_conflicts:
             kh = pk[active, heavy]  # [A, S]
-            kp = pk[active[:, None], partners]  # [A, T, S]
-            a_in_partner = has[active[:, None, None], partners[:, None, :], kh[:, :, None]] > 0  # [A, S, T]
-            b_in_heavy = has[active[:, None, None], heavy[:, None, None], kp] > 0  # [A, T, S]
-            valid &= ~a_in_partner[:, :, :, None] & ~b_in_heavy[:, None, :, :]
+            kp = pk[active[:, None], partners].transpose(0, 2, 1)  # [A, S, T]
+            a_in_partner = _at(has, active[:, None, None], partners[:, None, :], kh[:, :, None]) > 0  # [A, S, T]
+            b_in_heavy = _at(has, active[:, None, None], heavy[:, None, None], kp) > 0  # [A, S, T]
+            valid &= ~a_in_partner[:, :, None, :] & ~b_in_heavy[:, None, :, :]
         new_max = np.where(valid, new_max, np.inf).reshape(active.size, -1)
         best = np.argmin(new_max, axis=1)
         improves = new_max[np.arange(active.size), best] < lh * (1 - 1e-12)
         # One swap per improving row, applied to all rows at once.
         x, h, best = active[improves], heavy[improves], best[improves]
-        a, t, b = np.unravel_index(best, (num_per_pack, num_partners, num_per_pack))
+        a, b, t = np.unravel_index(best, (num_per_pack, num_per_pack, num_partners))
         r = partners[improves, t]
         ka, kb = pk[x, h, a], pk[x, r, b]
         wa, wb = pw[x, h, a], pw[x, r, b]
@@ -140,8 +169,8 @@ def _balance_pairs(pw, pk, load, has, bound, avoid_conflicts: bool, num_iters: i
     half = min(num_packs // 2, _PAIRS)
     if half == 0:
         return
+    active = np.nonzero(load.max(axis=1) > bound)[0]
     for it in range(num_iters):
-        active = np.nonzero(load.max(axis=1) > bound)[0]
         if active.size == 0:
             break
         rows = active[:, None]
@@ -156,14 +185,12 @@ def _balance_pairs(pw, pk, load, has, bound, avoid_conflicts: bool, num_iters: i
         valid = d > 0
         if avoid_conflicts:
             kh, kl = pk[rows, heavy], pk[rows, light]
-            a_in_light = has[rows[:, :, None], light[:, :, None], kh] > 0  # [X, half, S]
-            b_in_heavy = has[rows[:, :, None], heavy[:, :, None], kl] > 0
+            a_in_light = _at(has, rows[:, :, None], light[:, :, None], kh) > 0  # [X, half, S]
+            b_in_heavy = _at(has, rows[:, :, None], heavy[:, :, None], kl) > 0
             valid &= ~a_in_light[:, :, :, None] & ~b_in_heavy[:, :, None, :]
         new_max = np.where(valid, new_max, np.inf).reshape(num_rows, half, -1)
         best = np.argmin(new_max, axis=2)
         i, p = np.nonzero(np.take_along_axis(new_max, best[:, :, None], axis=2)[:, :, 0] < lh * (1 - 1e-12))
-        if i.size == 0:
-            break
         a, b = np.divmod(best[i, p], num_per_pack)
         x, h, r = active[i], heavy[i, p], light[i, p]
         ka, kb = pk[x, h, a], pk[x, r, b]
@@ -176,6 +203,9 @@ def _balance_pairs(pw, pk, load, has, bound, avoid_conflicts: bool, num_iters: i
         has[x, r, ka] += 1
         pw[x, h, a], pw[x, r, b] = wb, wa
         pk[x, h, a], pk[x, r, b] = kb, ka
+        # Rows without an improving pair this round stop.
+        active = np.unique(x)
+        active = active[load[active].max(axis=1) > bound[active]]
 
 
 def _pack(item_weight: np.ndarray, item_key: np.ndarray, num_packs: int, num_keys: int, avoid_conflicts: bool):
@@ -213,16 +243,51 @@ def _pack(item_weight: np.ndarray, item_key: np.ndarray, num_packs: int, num_key
     return pk
 
 
+def _pack_counts(weight: np.ndarray, logcnt: np.ndarray, num_ranks: int, avoid_conflicts: bool):
+    """Packs the replicas given by `logcnt` (int64 [X, n]) of weight [X, n] onto ranks.
+
+    Returns (keys of each rank's replicas int64 [X, R, P / R], heaviest rank load float64 [X]).
+    """
+    num_rows, num_items = weight.shape
+    per_copy = weight / logcnt
+    keys = np.repeat(np.tile(np.arange(num_items), num_rows), logcnt.reshape(-1)).reshape(num_rows, -1)
+    pk = _pack(np.take_along_axis(per_copy, keys, axis=1), keys, num_ranks, num_items, avoid_conflicts)
+    peak = np.take_along_axis(per_copy, pk.reshape(num_rows, -1), axis=1).reshape(pk.shape).sum(axis=2).max(axis=1)
+    return pk, peak
+
+
 def _plan_scope(weight: np.ndarray, num_phy: int, num_ranks: int) -> np.ndarray:
-    """Plans rows independently: weight [X, n] -> slot contents [X, num_phy] (indices into n), ranks contiguous."""
+    """Plans rows independently: weight [X, n] -> slot contents [X, num_phy] (indices into n), ranks contiguous.
+
+    Where the one-copy-per-rank cap binds (an expert has >= R - 1 copies), the replica counts also decide how well
+    the copies pack: those rows also try moving one copy between two of their three most replicated experts, all
+    variants packed in one call, and keep the best packing.
+    """
     num_rows, num_items = weight.shape
     num_per_rank = num_phy // num_ranks
     # Two copies on one rank are unavoidable only when a rank has more slots than there are experts.
     avoid_conflicts = num_per_rank <= num_items
     logcnt = _replicate(weight, num_phy, num_ranks if avoid_conflicts else None)
-    keys = np.repeat(np.tile(np.arange(num_items), num_rows), logcnt.reshape(-1)).reshape(num_rows, num_phy)
-    per_copy = np.take_along_axis(weight / logcnt, keys, axis=1)
-    pk = _pack(per_copy, keys, num_ranks, num_items, avoid_conflicts)
+    pk, peak = _pack_counts(weight, logcnt, num_ranks, avoid_conflicts)
+    tight = np.nonzero(logcnt.max(axis=1) >= num_ranks - 1)[0] if avoid_conflicts else []
+    if len(tight):
+        top = np.argsort(-logcnt[tight], axis=1, kind="stable")[:, :_VARIANT_EXPERTS]  # [T, 3]
+        src, dst = np.nonzero(~np.eye(top.shape[1], dtype=bool))
+        rows = np.repeat(tight, src.size)  # [T * V]
+        a, b = top[:, src].reshape(-1), top[:, dst].reshape(-1)
+        counts = logcnt[rows]
+        ok = (counts[np.arange(rows.size), a] > 1) & (counts[np.arange(rows.size), b] < num_ranks)
+        rows, a, b, counts = rows[ok], a[ok], b[ok], counts[ok]
+        if rows.size == 0:
+            return np.sort(pk, axis=2).reshape(num_rows, num_phy)
+        counts[np.arange(rows.size), a] -= 1
+        counts[np.arange(rows.size), b] += 1
+        var_pk, var_peak = _pack_counts(weight[rows], counts, num_ranks, avoid_conflicts)
+        # Best variant per row (stable: the first of equal peaks), kept only if it lowers the peak.
+        order = np.lexsort((np.arange(rows.size), var_peak, rows))
+        first = order[np.r_[True, rows[order][1:] != rows[order][:-1]]]
+        better = var_peak[first] < peak[rows[first]] * (1 - 1e-12)
+        pk[rows[first[better]]] = var_pk[first[better]]
     return np.sort(pk, axis=2).reshape(num_rows, num_phy)
 
 
@@ -292,103 +357,309 @@ def _match_ranks(new: np.ndarray, old: np.ndarray, num_ranks: int, num_experts: 
     return out
 
 
-def _excess(load: np.ndarray, mean: float) -> np.ndarray:
-    return (np.maximum(load - mean, 0.0) / mean) ** _REPAIR_POWER
+def _excess(load: np.ndarray, mean: np.ndarray) -> np.ndarray:
+    """Repair potential of rank loads: ((load - mean)_+ / mean) ** 4, elementwise (mean broadcasts)."""
+    t = load / mean
+    t -= 1.0
+    np.maximum(t, 0.0, out=t)
+    t *= t
+    t *= t
+    return t
 
 
-def _repair_layer(phy, weight, num_ranks, max_moves, node_of_rank, max_copies):
-    """Greedy local search on one layer (see the module docstring); returns the new slot contents [P]."""
-    orig = phy
-    phy = phy.copy()
-    num_slots = phy.size
-    num_experts = weight.size
+def _relu4(over: np.ndarray) -> np.ndarray:
+    """max(over, 0) ** 4 (a new array): `_excess` of loads given as load / mean - 1."""
+    t = np.maximum(over, 0)
+    t *= t
+    t *= t
+    return t
+
+
+class _View(NamedTuple):
+    """The state of the A active layers in one repair step (float64 unless noted).
+
+    x int64 [A] layer ids; w [A, E] load; cnt int64 [A, E] replica counts; per_copy [A, E]; share [A, P] slot
+    loads; load [A, R] rank loads; exc [A, R] `_excess` of the rank loads; m [A, 1] mean rank load; changed bool
+    [A, P] slot differs from the original; ph / orig int64 [A, P] current / original slot contents; budget int64
+    [A] slot changes left.
+    """
+
+    x: np.ndarray
+    w: np.ndarray
+    cnt: np.ndarray
+    per_copy: np.ndarray
+    share: np.ndarray
+    load: np.ndarray
+    exc: np.ndarray
+    m: np.ndarray
+    changed: np.ndarray
+    ph: np.ndarray
+    orig: np.ndarray
+    budget: np.ndarray
+
+
+def _repair(prev: np.ndarray, weight: np.ndarray, num_ranks: int, max_moves: int, node_of_rank: np.ndarray,
+            max_copies: int) -> np.ndarray:
+    """Greedy local search on all layers at once (see the module docstring).
+
+    Arguments:
+        prev: int64 [L, P] previous slot contents.
+        weight: float64 [L, E] new load.
+        num_ranks: R.
+        max_moves: most slots per layer whose expert may differ from `prev`.
+        node_of_rank: int64 [R] scope (node) of each rank: swaps stay inside a node and a slot may only become a
+            copy of an expert that its node already holds.
+        max_copies: most replicas per expert.
+
+    Returns:
+        int64 [L, P] repaired slot contents.
+    """
+    num_layers, num_slots = prev.shape
+    num_experts = weight.shape[1]
     num_per_rank = num_slots // num_ranks
-    if weight.sum() <= 0:
-        return phy
-    rank_of_slot = np.arange(num_slots) // num_per_rank
-    node_of_slot = node_of_rank[rank_of_slot]
-    logcnt = np.bincount(phy, minlength=num_experts)
-    hold = np.zeros((num_ranks, num_experts))
-    np.add.at(hold, (rank_of_slot, phy), 1)
-    # node_has[k, e]: expert e lives on node k (hierarchical scopes stay closed)
     num_nodes = int(node_of_rank.max()) + 1
-    node_has = np.zeros((num_nodes, num_experts), dtype=bool)
-    node_has[node_of_slot, phy] = True
-    mean = weight.sum() / num_ranks
-    all_slots = np.arange(num_slots)
+    ranks_per_node = num_ranks // num_nodes
+    rank_of_slot = np.arange(num_slots) // num_per_rank
+    layer = np.arange(num_layers)[:, None]
+    phy = prev.copy()
+    logcnt = np.bincount((layer * num_experts + phy).reshape(-1), minlength=num_layers * num_experts).reshape(
+        num_layers, num_experts)
+    # hold[l, r, e] (int16): copies of e on rank r; node_cnt[l, k, e]: copies of e on node k (None: one node).
+    hold = np.bincount(((layer * num_ranks + rank_of_slot) * num_experts + phy).reshape(-1),
+                       minlength=num_layers * num_ranks * num_experts).astype(np.int16).reshape(
+                           num_layers, num_ranks, num_experts)
+    node_cnt = hold.reshape(num_layers, num_nodes, ranks_per_node, num_experts).sum(axis=2) if num_nodes > 1 else None
+    mean = weight.sum(axis=1) / num_ranks
+    # Swap candidates [A, H, S, S, T]: the H heaviest ranks x the T lightest other ranks of their node.
+    num_heavy = min(num_ranks, _REPAIR_HEAVY_RANKS)
+    num_light = min(ranks_per_node - 1, _REPAIR_LIGHT_RANKS)
+    while num_heavy > 1 and num_heavy * num_light * num_per_rank ** 2 > _REPAIR_SWAP_BUDGET:
+        num_heavy -= 1
+    while num_light > 1 and num_heavy * num_light * num_per_rank ** 2 > _REPAIR_SWAP_BUDGET:
+        num_light //= 2
+    # Re-assignment sources: the slots of experts with >= 2 copies (at most 2 (P - E) slots since sum(c - 1) = P - E);
+    # targets: the experts whose extra copy helps most, and the lightest per-copy experts.
+    num_sources = max(1, min(num_slots, 2 * (num_slots - num_experts)))
+    num_keep = min(num_sources, _REPAIR_SOURCES)
+    num_targets = min(num_experts, _REPAIR_TARGETS)
+    num_cheap = min(num_experts, _REPAIR_CHEAP_TARGETS)
+    num_exact = min(_REPAIR_EXACT, num_targets + num_cheap)
+    active = np.nonzero(mean > 0)[0]
     for _ in range(4 * max_moves + 16):
-        budget = max_moves - int(np.count_nonzero(phy != orig))
-        per_copy = weight / logcnt
-        share = per_copy[phy]
-        load = share.reshape(num_ranks, num_per_rank).sum(axis=1)
-        excess = _excess(load, mean)
-        total = excess.sum()
-        heavy = np.argsort(-load, kind="stable")[:_REPAIR_HEAVY_RANKS]
-        changed = phy != orig
-        best_score, best_op = 0.0, None
-
-        # Swaps: a slot of a heavy rank <-> any slot of another rank (same node).
-        sa = (heavy[:, None] * num_per_rank + np.arange(num_per_rank)).reshape(-1)
-        ra, rb = rank_of_slot[sa][:, None], rank_of_slot[None, :]
-        ea, eb = phy[sa][:, None], phy[None, :]
-        d = share[sa][:, None] - share[None, :]
-        delta = (_excess(load[ra] - d, mean) + _excess(load[rb] + d, mean) - excess[ra] - excess[rb])
-        cost = ((eb != orig[sa][:, None]).astype(np.int64) + (ea != orig[None, :])
-                - changed[sa][:, None] - changed[None, :])
-        valid = ((ra != rb) & (node_of_rank[ra] == node_of_rank[rb]) & (hold[rb, ea] == 0) & (hold[ra, eb] == 0)
-                 & (cost <= budget))
-        score = np.where(valid, -delta / np.maximum(cost, 0.5), -np.inf)
-        i = np.argmax(score)
-        if score.flat[i] > best_score:
-            best_score, best_op = score.flat[i], ("swap",) + np.unravel_index(i, score.shape)
-
-        # Re-assignments: slot s (expert a with >= 2 copies) becomes a copy of expert b.
-        # Candidates: slots of heavy ranks x all experts, and all slots x experts of the heaviest rank.
-        s1 = np.repeat(sa, num_experts)
-        b1 = np.tile(np.arange(num_experts), sa.size)
-        heavy_experts = phy[heavy[0] * num_per_rank:(heavy[0] + 1) * num_per_rank]
-        s2 = np.repeat(all_slots, heavy_experts.size)
-        b2 = np.tile(heavy_experts, num_slots)
-        s, b = np.concatenate([s1, s2]), np.concatenate([b1, b2])
-        a, r = phy[s], rank_of_slot[s]
-        ok = ((logcnt[a] >= 2) & (b != a) & (hold[r, b] == 0) & (logcnt[b] < max_copies)
-              & node_has[node_of_slot[s], b])
-        cost = (b != orig[s]).astype(np.int64) - changed[s]
-        ok &= cost <= budget
-        if ok.any():
-            s, b, a, r, cost = s[ok], b[ok], a[ok], r[ok], cost[ok]
-            ca, cb = logcnt[a], logcnt[b]
-            da = weight[a] / (ca - 1) - weight[a] / ca
-            db = weight[b] / (cb + 1) - weight[b] / cb
-            new_load = load[None, :] + hold[:, a].T * da[:, None] + hold[:, b].T * db[:, None]
-            new_load[np.arange(s.size), r] += weight[b] / (cb + 1) - weight[a] / (ca - 1)
-            delta = _excess(new_load, mean).sum(axis=1) - total
-            score = -delta / np.maximum(cost, 0.5)
-            i = np.argmax(score)
-            if score[i] > best_score:
-                best_score, best_op = score[i], ("assign", s[i], b[i])
-
-        if best_op is None or best_score <= 1e-15:
+        if active.size == 0:
             break
-        if best_op[0] == "swap":
-            slot_a, slot_b = sa[best_op[1]], best_op[2]
-            ea, eb = phy[slot_a], phy[slot_b]
-            ra, rb = rank_of_slot[slot_a], rank_of_slot[slot_b]
-            phy[slot_a], phy[slot_b] = eb, ea
-            hold[ra, ea] -= 1
-            hold[rb, eb] -= 1
-            hold[ra, eb] += 1
-            hold[rb, ea] += 1
-        else:
-            slot, eb = best_op[1], best_op[2]
-            ea, ra = phy[slot], rank_of_slot[slot]
-            phy[slot] = eb
-            logcnt[ea] -= 1
-            logcnt[eb] += 1
-            hold[ra, ea] -= 1
-            hold[ra, eb] += 1
-            node_has[node_of_slot[slot], ea] = bool(np.any(phy[node_of_slot == node_of_slot[slot]] == ea))
+        x = active
+        num_active = x.size
+        rows = np.arange(num_active)[:, None]
+        ph, orig, w, cnt, m = phy[x], prev[x], weight[x], logcnt[x], mean[x, None]
+        per_copy = w / cnt
+        share = np.take_along_axis(per_copy, ph, axis=1)  # [A, P]
+        load = (share.reshape(-1, num_per_rank) @ np.ones(num_per_rank)).reshape(num_active, num_ranks)  # [A, R]
+        exc = _excess(load, m)
+        changed = ph != orig
+        budget = max_moves - np.count_nonzero(changed, axis=1)  # [A]
+        view = _View(x, w, cnt, per_copy, share, load, exc, m, changed, ph, orig, budget)
+        # Candidates [A, C]: the best swap of each heavy rank, then the best re-assignments. Each touches a set of
+        # ranks (whose loads it changes) and of experts (whose holders or counts it changes).
+        move_score, move_slot, move_expert, move_cost, move_ranks = _best_reassignments(
+            view, hold, node_cnt, node_of_rank, max_copies, num_sources, num_keep, num_targets, num_cheap, num_exact)
+        slot_a, slot_b, score, cost, touched = move_slot, move_slot, move_score, move_cost, move_ranks
+        expert_a, expert_b = np.take_along_axis(ph, move_slot, axis=1), move_expert
+        if num_light > 0:
+            swap_a, swap_b, swap_score, swap_cost = _best_swaps(view, hold, node_of_rank, num_heavy, num_light)
+            swap_ranks = np.zeros((num_active, num_heavy, num_ranks), dtype=bool)
+            swap_ranks[rows, np.arange(num_heavy)[None, :], rank_of_slot[swap_a]] = True
+            swap_ranks[rows, np.arange(num_heavy)[None, :], rank_of_slot[swap_b]] = True
+            slot_a, slot_b = np.concatenate([swap_a, move_slot], axis=1), np.concatenate([swap_b, move_slot], axis=1)
+            score = np.concatenate([swap_score, move_score], axis=1)
+            cost = np.concatenate([swap_cost, move_cost], axis=1)
+            touched = np.concatenate([swap_ranks, move_ranks], axis=1)
+            expert_a = np.concatenate([_gather(ph, swap_a), expert_a], axis=1)
+            expert_b = np.concatenate([_gather(ph, swap_b), expert_b], axis=1)
+        is_swap = np.arange(score.shape[1]) < score.shape[1] - num_exact
+        # Greedy in decreasing score: take every candidate independent of those taken (disjoint ranks and experts)
+        # that is worth at least _REPAIR_BATCH times the best one and fits in the budget.
+        floor = np.maximum(score.max(axis=1) * _REPAIR_BATCH, 1e-15)
+        used_ranks = np.zeros((num_active, num_ranks), dtype=bool)
+        used_experts = np.zeros((num_active, w.shape[1]), dtype=bool)
+        remaining = budget.copy()
+        moved = np.zeros(num_active, dtype=bool)
+        for c in np.argsort(-score, axis=1).T:
+            r = rows[:, 0]
+            ea, eb, cst = expert_a[r, c], expert_b[r, c], cost[r, c]
+            ok = ((score[r, c] >= floor) & (cst <= remaining) & ~(touched[r, c] & used_ranks).any(axis=1)
+                  & ~used_experts[r, ea] & ~used_experts[r, eb])
+            used_ranks[ok] |= touched[r[ok], c[ok]]
+            used_experts[r[ok], ea[ok]] = True
+            used_experts[r[ok], eb[ok]] = True
+            remaining -= np.where(ok, cst, 0)
+            moved |= ok
+            sw = ok & is_swap[c]
+            lx, a, b, ea_s, eb_s = x[sw], slot_a[r[sw], c[sw]], slot_b[r[sw], c[sw]], ea[sw], eb[sw]
+            r1, r2 = rank_of_slot[a], rank_of_slot[b]
+            phy[lx, a], phy[lx, b] = eb_s, ea_s
+            hold[lx, r1, ea_s] -= 1
+            hold[lx, r2, eb_s] -= 1
+            hold[lx, r1, eb_s] += 1
+            hold[lx, r2, ea_s] += 1
+            re = ok & ~is_swap[c]
+            lx, slot, ea_r, eb_r = x[re], slot_a[r[re], c[re]], ea[re], eb[re]
+            ra = rank_of_slot[slot]
+            phy[lx, slot] = eb_r
+            logcnt[lx, ea_r] -= 1
+            logcnt[lx, eb_r] += 1
+            hold[lx, ra, ea_r] -= 1
+            hold[lx, ra, eb_r] += 1
+            if node_cnt is not None:
+                node_cnt[lx, node_of_rank[ra], ea_r] -= 1
+                node_cnt[lx, node_of_rank[ra], eb_r] += 1
+        active = x[moved]
     return phy
+
+
+def _best_swaps(view: _View, hold: np.ndarray, node_of_rank: np.ndarray, num_heavy: int, num_light: int):
+    """Best swap of each of the `num_heavy` heaviest ranks with a slot of one of the `num_light` lightest other
+    ranks of its node. Screened in float32 with the cost bound 2 - (slots already changed), then scored exactly.
+
+    Arguments: the `_View` of the A active layers; hold int16 [L, R, E] copies of each expert per rank;
+    node_of_rank int64 [R].
+
+    Returns:
+        slot_a / slot_b int64 [A, H] the two slots (slot_a on the h-th heavy rank); score float64 [A, H] (> 0:
+        improving; potential decrease per slot change); cost int64 [A, H] slot changes.
+    """
+    share, load, m, changed, ph, orig, budget = (view.share, view.load, view.m, view.changed, view.ph, view.orig,
+                                                 view.budget)
+    num_active, num_slots = share.shape
+    num_ranks = load.shape[1]
+    num_per_rank = num_slots // num_ranks
+    rows = np.arange(num_active)[:, None]
+    heavy = np.argpartition(-load, num_heavy - 1, axis=1)[:, :num_heavy]  # [A, H]
+    cand = np.where(node_of_rank[heavy][:, :, None] == node_of_rank[None, None, :], load[:, None, :], np.inf)
+    cand[rows, np.arange(num_heavy)[None, :], heavy] = np.inf
+    light = np.argpartition(cand, num_light - 1, axis=2)[:, :, :num_light]  # [A, H, T]
+    sa = heavy[:, :, None] * num_per_rank + np.arange(num_per_rank)  # [A, H, S]
+    sb = light[:, :, None, :] * num_per_rank + np.arange(num_per_rank)[:, None]  # [A, H, S, T]
+    unit = (share / m).astype(np.float32)
+    over = (load / m - 1.0).astype(np.float32)
+    # Layout [A, H, S (heavy slot), S (partner slot), T (partner rank)]: the long axis last.
+    d = _gather(unit, sa)[:, :, :, None, None] - _gather(unit, sb)[:, :, None, :, :]
+    oh, ol = _gather(over, heavy), _gather(over, light)
+    screen = _relu4(oh[:, :, None, None, None] - d)
+    screen += _relu4(ol[:, :, None, None, :] + d)
+    screen -= (_relu4(oh)[:, :, None] + _relu4(ol))[:, :, None, None, :]
+    # Screen x 1 / cost bound (a product of per-slot factors 1/2 or 1 for the heavy slot, 1 or 2 for the other, by
+    # whether the slot already changed). Without budget only changed slots may move; the exact cost decides the rest.
+    spare = (budget > 0)[:, None, None, None]
+    xl = view.x[:, None, None, None]
+    ok_a = _at(hold, xl, light[:, :, None, :], _gather(ph, sa)[:, :, :, None]) == 0  # [A, H, S, T] a not on t
+    ok_b = _at(hold, xl, heavy[:, :, None, None], _gather(ph, sb)) == 0  # [A, H, S, T] b not on the heavy rank
+    fa = ok_a * np.where(_gather(changed, sa)[..., None], np.float32(1.0),
+                         np.where(spare, np.float32(0.5), np.float32(0.0)))
+    fb = ok_b * np.where(_gather(changed, sb), np.float32(2.0), np.where(spare, np.float32(1.0), np.float32(0.0)))
+    screen *= fa[:, :, :, None, :]
+    screen *= fb[:, :, None, :, :]
+    flat = screen.reshape(num_active, num_heavy, -1)
+    i = np.argmin(flat, axis=2)  # [A, H]
+    ok = np.take_along_axis(flat, i[:, :, None], axis=2)[:, :, 0] < 0
+    ia, ib, t = np.unravel_index(i, screen.shape[2:])
+    h = np.arange(num_heavy)[None, :]
+    slot_a, slot_b = sa[rows, h, ia], sb[rows, h, ib, t]
+    delta_load = _gather(share, slot_a) - _gather(share, slot_b)
+    lh, ll = load[rows, heavy], _gather(load, slot_b // num_per_rank)
+    delta = _excess(lh - delta_load, m) + _excess(ll + delta_load, m) - _excess(lh, m) - _excess(ll, m)
+    cost = (2 - _gather(changed, slot_a).astype(np.int64) - _gather(changed, slot_b)
+            - (_gather(ph, slot_b) == _gather(orig, slot_a)) - (_gather(ph, slot_a) == _gather(orig, slot_b)))
+    score = np.where(ok & (cost <= budget[:, None]), -delta / np.maximum(cost, 0.5), 0.0)
+    return slot_a, slot_b, score, cost
+
+
+def _best_reassignments(view: _View, hold: np.ndarray, node_cnt, node_of_rank: np.ndarray, max_copies: int,
+                        num_sources: int, num_keep: int, num_targets: int, num_cheap: int, num_exact: int):
+    """Best re-assignments of each layer: slot s (expert a with >= 2 copies) becomes a copy of expert b (1 slot
+    change). Candidates: the `num_sources` slots of experts with >= 2 copies x the `num_targets` experts whose extra
+    copy lowers the potential most and the `num_cheap` lightest per-copy experts. Scored per expert (ranks holding
+    both a and b are approximated), then the best `num_exact` are scored exactly.
+
+    Arguments: the `_View` of the A active layers; hold int16 [L, R, E]; node_cnt int16 [L, N, E] copies of each
+    expert per node, None with one node; node_of_rank int64 [R]; max_copies: most replicas per expert.
+
+    Returns:
+        [A, M] arrays: score float64 (> 0: improving; potential decrease per slot change), slot int64, new expert
+        int64, cost int64 (slot changes); and touched bool [A, M, R] (ranks whose load changes).
+    """
+    x, w, cnt, per_copy, share, load, exc, m, changed, ph, orig, budget = view
+    num_active, num_slots = ph.shape
+    num_ranks, num_experts = load.shape[1], w.shape[1]
+    num_nodes = 1 if node_cnt is None else node_cnt.shape[1]
+    rank_of_slot = np.arange(num_slots) // (num_slots // num_ranks)
+    rows = np.arange(num_active)[:, None]
+    cnt_slot = np.take_along_axis(cnt, ph, axis=1)
+    src = np.argpartition(cnt_slot < 2, num_sources - 1, axis=1)[:, :num_sources]  # [A, Q]
+    ea = np.take_along_axis(ph, src, axis=1)
+    rank_src = rank_of_slot[src]
+    load_src = np.take_along_axis(load, rank_src, axis=1)
+    exc_src = np.take_along_axis(exc, rank_src, axis=1)
+    more = w / (cnt + 1)  # per-copy load of e with one more copy
+    fewer = w / np.maximum(cnt - 1, 1)
+    load_slot, exc_slot = load[:, rank_of_slot], exc[:, rank_of_slot]
+    # gain[e]: potential change on e's ranks when e gets one more copy; loss[a]: when a loses one.
+    gain = np.bincount((rows * num_experts + ph).reshape(-1), weights=(
+        _excess(load_slot + np.take_along_axis(more - per_copy, ph, axis=1), m) - exc_slot).reshape(-1),
+        minlength=num_active * num_experts)
+    gain = np.where(cnt < max_copies, gain.reshape(num_active, num_experts), np.inf)
+    many = np.take_along_axis(cnt_slot, src, axis=1) >= 2
+    loss_src = _excess(load_src + np.take_along_axis(fewer - per_copy, ea, axis=1), m) - exc_src
+    loss = np.bincount((rows * num_experts + ea).reshape(-1), weights=np.where(many, loss_src, 0.0).reshape(-1),
+                       minlength=num_active * num_experts).reshape(num_active, num_experts)
+    loss_others = np.take_along_axis(loss, ea, axis=1) - loss_src  # [A, Q]: the other holders of a
+    share_src = np.take_along_axis(share, src, axis=1)
+    if num_keep < src.shape[1]:
+        # Keep the most promising sources, scored as if the new copy carried no load.
+        pre = np.where(many, loss_others + _excess(load_src - share_src, m) - exc_src, np.inf)
+        keep = np.argpartition(pre, num_keep - 1, axis=1)[:, :num_keep]
+        src, ea, rank_src, load_src, exc_src, loss_others, many, share_src = (
+            np.take_along_axis(v, keep, axis=1)
+            for v in (src, ea, rank_src, load_src, exc_src, loss_others, many, share_src))
+    targets = np.concatenate([np.argpartition(gain, num_targets - 1, axis=1)[:, :num_targets],
+                              np.argpartition(np.where(cnt < max_copies, more, np.inf), num_cheap - 1,
+                                              axis=1)[:, :num_cheap]], axis=1)  # [A, K]
+    gain_t = np.take_along_axis(gain, targets, axis=1)
+    own = (load_src - share_src)[:, :, None] + np.take_along_axis(more, targets, axis=1)[:, None, :]
+    approx = _excess(own, m[:, :, None])
+    approx += (loss_others - exc_src)[:, :, None] + gain_t[:, None, :]
+    # hold / node_cnt of the targets on every rank / node, then per source slot.
+    hold_t = _at(hold, x[:, None, None], np.arange(num_ranks)[None, :, None], targets[:, None, :])  # [A, R, K]
+    cost = (targets[:, None, :] != np.take_along_axis(orig, src, axis=1)[:, :, None]).astype(np.int8)
+    cost -= np.take_along_axis(changed, src, axis=1)[:, :, None]
+    valid = (cost <= budget[:, None, None]) & (targets[:, None, :] != ea[:, :, None])
+    valid &= many[:, :, None] & np.isfinite(gain_t)[:, None, :]
+    valid &= np.take_along_axis(hold_t, rank_src[:, :, None], axis=1) == 0
+    if num_nodes > 1:
+        node_t = _at(node_cnt, x[:, None, None], np.arange(num_nodes)[None, :, None], targets[:, None, :])
+        valid &= np.take_along_axis(node_t, node_of_rank[rank_src][:, :, None], axis=1) > 0
+    score = np.where(valid, -approx / np.maximum(cost, 0.5), -np.inf)  # [A, Q, K]
+    # The best source per target, then the best targets: distinct new experts, so that several can be taken.
+    q_best = np.argmax(score, axis=1)  # [A, K]
+    score = np.take_along_axis(score, q_best[:, None, :], axis=1)[:, 0, :]
+    k_top = np.argpartition(-score, num_exact - 1, axis=1)[:, :num_exact]  # [A, M]
+    ok = np.take_along_axis(score, k_top, axis=1) > -np.inf
+    q_top = q_best[rows, k_top]
+    s_top = src[rows, q_top]
+    b_top = targets[rows, k_top]
+    a_top = ph[rows, s_top]
+    xm = x[:, None, None]
+    ranks = np.arange(num_ranks)[None, None, :]
+    da, db = (fewer - per_copy)[rows, a_top], (more - per_copy)[rows, b_top]
+    hold_a, hold_b = _at(hold, xm, ranks, a_top[:, :, None]), _at(hold, xm, ranks, b_top[:, :, None])  # [A, M, R]
+    new_load = load[:, None, :] + (hold_a * da[:, :, None] + hold_b * db[:, :, None])
+    new_load[rows, np.arange(num_exact)[None, :], rank_of_slot[s_top]] += more[rows, b_top] - fewer[rows, a_top]
+    exact = _excess(new_load, m[:, :, None]).sum(axis=2) - exc.sum(axis=1)[:, None]
+    cost_top = cost[rows, q_top, k_top].astype(np.int64)
+    score = np.where(ok, -exact / np.maximum(cost_top, 0.5), 0.0)
+    touched = (hold_a > 0) | (hold_b > 0)
+    touched[rows, np.arange(num_exact)[None, :], rank_of_slot[s_top]] = True
+    return score, s_top, b_top, cost_top, touched
 
 
 def _check_int(name: str, value, minimum: int = 1) -> None:
@@ -459,8 +730,7 @@ def plan(load, num_slots: int, num_ranks: int, *, num_nodes: int = 1, num_groups
         node_of_rank = np.arange(num_ranks) // (num_ranks // scope_nodes)
         # Copies per expert: at most one per rank in its scope, as in the fresh plan.
         max_copies = num_ranks // scope_nodes if num_slots // num_ranks <= num_experts // scope_nodes else num_slots
-        phy2log = np.stack([_repair_layer(prev_phy[layer], weight[layer], num_ranks, max_moves, node_of_rank,
-                                          max_copies) for layer in range(num_layers)])
+        phy2log = _repair(prev_phy, weight, num_ranks, max_moves, node_of_rank, max_copies)
     else:
         phy2log = _plan_fresh(weight, num_slots, num_ranks, num_nodes, num_groups, hierarchical)
         if prev_phy is not None:

@@ -13,6 +13,7 @@ from epmoe import _loader  # noqa: F401  (loads _C, which registers the ops)
 __all__ = ["route"]
 
 
+
 def route(
     router_logits: torch.Tensor,
     top_k: int,
@@ -91,3 +92,8 @@ def _route_backward(ctx, grad_weights, _grad_idx):
 
 
 torch.library.register_autograd("epmoe::route", _route_backward, setup_context=_route_setup_context)
+
+
+@torch.library.register_fake("epmoe::count_slots")
+def _count_slots_fake(counts, slot_idx):
+    return None

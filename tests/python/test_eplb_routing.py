@@ -107,3 +107,30 @@ def test_recorder_rejects_bad_input():
         LoadRecorder(2, 8, 0)
     with pytest.raises(ValueError, match="phy2log"):
         rec.logical_load(torch.zeros(2, 7, dtype=torch.int64), 4)
+
+
+def test_count_slots_op():
+    counts = torch.zeros(5, dtype=torch.int64)
+    slot_idx = torch.tensor([[0, 4, -1], [4, 4, 2]], dtype=torch.int32)
+    torch.ops.epmoe.count_slots(counts, slot_idx)
+    torch.ops.epmoe.count_slots(counts, slot_idx[:1])
+    assert counts.tolist() == [2, 0, 1, 0, 4]
+    torch.library.opcheck(torch.ops.epmoe.count_slots.default, (torch.zeros(5, dtype=torch.int64), slot_idx))
+    with pytest.raises(ValueError, match="slot_idx"):
+        torch.ops.epmoe.count_slots(counts, torch.tensor([5], dtype=torch.int32))
+    with pytest.raises(TypeError, match="slot_idx"):
+        torch.ops.epmoe.count_slots(counts, slot_idx.long())
+    with pytest.raises(TypeError, match="counts"):
+        torch.ops.epmoe.count_slots(counts.int(), slot_idx)
+
+
+@pytest.mark.cuda
+def test_count_slots_cuda_matches_cpu():
+    gen = torch.Generator().manual_seed(3)
+    slot_idx = torch.randint(-1, 300, (4096, 8), generator=gen, dtype=torch.int32)
+    for num_slots in (300, 9000):  # shared-memory and global-memory histograms
+        cpu = torch.zeros(num_slots, dtype=torch.int64)
+        torch.ops.epmoe.count_slots(cpu, slot_idx)
+        gpu = torch.zeros(num_slots, dtype=torch.int64, device="cuda")
+        torch.ops.epmoe.count_slots(gpu, slot_idx.cuda())
+        assert torch.equal(gpu.cpu(), cpu)

@@ -12,7 +12,7 @@ class LoadRecorder:
     """Counts routed (token, k) pairs per physical slot and keeps the last `window_size` steps.
 
     Usage per forward step: `record(layer, phys_idx)` for every MoE layer (after `map_to_physical`), then `step()`.
-    Counting is an `index_add_` into a device buffer: no host sync, no allocation beyond a ones tensor.
+    Counting is one fused op (`torch.ops.epmoe.count_slots`) into a device buffer: no host sync, no temporaries.
     Nothing is communicated until `window_load` / `logical_load` is called with a process group.
 
     Arguments:
@@ -30,9 +30,8 @@ class LoadRecorder:
         self.num_slots = num_slots
         self.window_size = window_size
         self.device = torch.device(device if device is not None else "cpu")
-        # Column num_slots is a trash bin for -1 (skipped) entries, so no masking (and no sync) is needed.
-        self._pass = torch.zeros(num_layers, num_slots + 1, dtype=torch.int64, device=self.device)
-        self._window = torch.zeros(window_size, num_layers, num_slots, dtype=torch.int64, device=self.device)
+        # Ring of window_size + 1 steps: the one at _cursor is the step in progress, counted into directly.
+        self._window = torch.zeros(window_size + 1, num_layers, num_slots, dtype=torch.int64, device=self.device)
         self._cursor = 0
         self.num_steps = 0
 
@@ -49,20 +48,17 @@ class LoadRecorder:
             raise TypeError(f"phys_idx must be int32 or int64, got {phys_idx.dtype}")
         if phys_idx.device != self.device:
             raise ValueError(f"phys_idx must be on {self.device}, got {phys_idx.device}")
-        flat = phys_idx.reshape(-1).to(torch.int64)
-        flat = torch.where(flat < 0, self.num_slots, flat)
-        self._pass[layer].index_add_(0, flat, torch.ones_like(flat))
+        # A fused counting op (CPU loop / CUDA shared-memory histogram): no sync, no temporaries.
+        torch.ops.epmoe.count_slots(self._window[self._cursor, layer], phys_idx.to(torch.int32).contiguous())
 
     def step(self) -> None:
-        """Closes the current step: moves its counts into the ring buffer (overwriting the oldest step)."""
-        self._window[self._cursor].copy_(self._pass[:, :self.num_slots])
-        self._pass.zero_()
-        self._cursor = (self._cursor + 1) % self.window_size
+        """Closes the current step; the next one overwrites the oldest step of the window."""
+        self._cursor = (self._cursor + 1) % (self.window_size + 1)
+        self._window[self._cursor].zero_()
         self.num_steps += 1
 
     def reset(self) -> None:
         """Forgets every recorded step (e.g. after a rearrangement changed what slot ids mean)."""
-        self._pass.zero_()
         self._window.zero_()
         self._cursor = 0
         self.num_steps = 0
@@ -70,7 +66,7 @@ class LoadRecorder:
     def window_load(self, group=None) -> torch.Tensor:
         """int64 [L, P]: counts per physical slot summed over the window (and over ranks when `group` is given or
         torch.distributed is initialised; every rank of the group must call it)."""
-        total = self._window.sum(dim=0)
+        total = self._window.sum(dim=0) - self._window[self._cursor]  # closed steps only
         if group is not None or (dist.is_available() and dist.is_initialized()):
             dist.all_reduce(total, op=dist.ReduceOp.SUM, group=group)
         return total

@@ -302,6 +302,11 @@ __global__ void __launch_bounds__(kWarpsM* kWarpsN * 32, kBM >= 128 ? 1 : 4) mma
 
             const T* sa = smem_a + (kt % kStages) * kATile;
             const T* sb = smem_b + (kt % kStages) * kBTile;
+            // NOTES (PTX fragments, g = lane / 4, t = lane % 4): ldmatrix.x4 lanes 8i..8i+7 address the rows of
+            // 8x8 matrix i, which lands in register i: thread lane gets (row g, cols 2t, 2t+1), or with .trans
+            // (rows 2t, 2t+1, col g). mma m16n8k16 wants a0..a3 = A[m g | g+8][k 0-7 | 8-15] in the order
+            // (g, 0-7), (g+8, 0-7), (g, 8-15), (g+8, 8-15), and b0, b1 = B[k 0-7 | 8-15][n g]; the row/col
+            // formulas below pick the matrices in exactly that order for all four operand layouts.
 #pragma unroll
             for (int ks = 0; ks < kBK / 16; ++ks) {
                 uint32_t a_frag[kMI][4];

@@ -316,7 +316,9 @@ void launch_moe_layout(const int32_t* topk_idx, int64_t num_slots, int num_exper
     const size_t hist_bytes = static_cast<size_t>(num_experts) * sizeof(int32_t);
 
     // Rows past the last expert stay -1; the scatter overwrites every other row.
-    EPMOE_CUDA_CHECK(cudaMemsetAsync(row_to_slot, 0xff, static_cast<size_t>(num_slots) * sizeof(int32_t), stream));
+    // Zero-byte memsets are skipped here and below: an empty tensor's pointer may be null.
+    if (num_slots > 0)
+        EPMOE_CUDA_CHECK(cudaMemsetAsync(row_to_slot, 0xff, static_cast<size_t>(num_slots) * sizeof(int32_t), stream));
     layout_count_kernel<<<plan.num_blocks, kLayoutThreads, hist_bytes, stream>>>(
         topk_idx, num_slots, plan.chunk, num_experts, expert_map, num_global, block_counts);
     EPMOE_LAUNCH_CHECK();
@@ -372,7 +374,8 @@ void launch_moe_unpermute_backward(const void* grad_out, const void* rows, DType
                                    int64_t hidden, void* grad_rows, float* grad_topk_weights, cudaStream_t stream) {
     const int64_t row_bytes = hidden * dtype_bytes(dtype);
     // Rows no slot points at (padding) must read zero; the kernel writes only the referenced rows.
-    EPMOE_CUDA_CHECK(cudaMemsetAsync(grad_rows, 0, static_cast<size_t>(num_rows * row_bytes), stream));
+    if (num_rows * row_bytes > 0)
+        EPMOE_CUDA_CHECK(cudaMemsetAsync(grad_rows, 0, static_cast<size_t>(num_rows * row_bytes), stream));
     const int64_t num_slots = num_tokens * num_topk;
     if (num_slots == 0) return;
     const int vec = vector_bytes(row_bytes, {grad_out, rows, grad_rows});

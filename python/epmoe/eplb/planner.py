@@ -148,16 +148,7 @@ def _refine(pw, pk, load, has, bound, avoid_conflicts: bool, max_iters: int) -> 
         x, h, best = active[improves], heavy[improves], best[improves]
         a, b, t = np.unravel_index(best, (num_per_pack, num_per_pack, num_partners))
         r = partners[improves, t]
-        ka, kb = pk[x, h, a], pk[x, r, b]
-        wa, wb = pw[x, h, a], pw[x, r, b]
-        load[x, h] -= wa - wb
-        load[x, r] += wa - wb
-        has[x, h, ka] -= 1
-        has[x, r, kb] -= 1
-        has[x, h, kb] += 1
-        has[x, r, ka] += 1
-        pw[x, h, a], pw[x, r, b] = wb, wa
-        pk[x, h, a], pk[x, r, b] = kb, ka
+        _swap(pw, pk, load, has, x, h, a, r, b)
         active = x[load[x].max(axis=1) > bound[x]]
 
 
@@ -193,16 +184,7 @@ def _balance_pairs(pw, pk, load, has, bound, avoid_conflicts: bool, num_iters: i
         i, p = np.nonzero(np.take_along_axis(new_max, best[:, :, None], axis=2)[:, :, 0] < lh * (1 - 1e-12))
         a, b = np.divmod(best[i, p], num_per_pack)
         x, h, r = active[i], heavy[i, p], light[i, p]
-        ka, kb = pk[x, h, a], pk[x, r, b]
-        wa, wb = pw[x, h, a], pw[x, r, b]
-        load[x, h] -= wa - wb
-        load[x, r] += wa - wb
-        has[x, h, ka] -= 1
-        has[x, r, kb] -= 1
-        has[x, h, kb] += 1
-        has[x, r, ka] += 1
-        pw[x, h, a], pw[x, r, b] = wb, wa
-        pk[x, h, a], pk[x, r, b] = kb, ka
+        _swap(pw, pk, load, has, x, h, a, r, b)
         # Rows without an improving pair this round stop.
         active = np.unique(x)
         active = active[load[active].max(axis=1) > bound[active]]

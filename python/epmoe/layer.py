@@ -97,6 +97,29 @@ class MoEConfig:
         return self.moe_intermediate_size * self.num_shared_experts
 
 
+_MASK64 = (1 << 64) - 1
+
+
+def derive_seed(base: int, kind: int, index: int) -> int:
+    """A 63-bit seed for parameter group (kind, index) from a base seed (splitmix64 finaliser): kind 0 = the
+    replicated parameters, kind 1 = logical expert `index`."""
+    z = (base + 0x9E3779B97F4A7C15 * (1 + 2 * index + (kind << 40))) & _MASK64
+    z = ((z ^ (z >> 30)) * 0xBF58476D1CE4E5B9) & _MASK64
+    z = ((z ^ (z >> 27)) * 0x94D049BB133111EB) & _MASK64
+    return (z ^ (z >> 31)) >> 1
+
+
+def draw_base_seed(group: dist.ProcessGroup | None, generator: torch.Generator | None = None) -> int:
+    """One int drawn from `generator` (default: the global CPU generator) on every rank; with a `group`, rank 0's
+    value is broadcast, so initialisation depends on rank 0's RNG state only (collective)."""
+    seed = int(torch.randint(0, 2**62, (1,), generator=generator, dtype=torch.int64).item())
+    if group is not None:
+        box = [seed]
+        dist.broadcast_object_list(box, src=dist.get_global_rank(group, 0), group=group)
+        seed = int(box[0])
+    return seed
+
+
 class _SharedExperts(nn.Module):
     """Dense SwiGLU MLP (HF layout: gate_proj, up_proj, down_proj without bias), replicated on every rank."""
 
@@ -177,19 +200,34 @@ class MoE(nn.Module):
     # ---- parameters
 
     def reset_parameters(self, generator: torch.Generator | None = None) -> None:
-        """Initialises all weights; logical expert e gets the same weights whatever the EP size (the full [E,...]
-        tensors are drawn from `generator` on every rank, then each rank keeps its slots)."""
+        """Initialises all weights, EP-size invariant and seed safe (collective over the EP group).
+
+        One base seed is drawn from `generator` (default: torch's global CPU generator) on EP rank 0 and broadcast;
+        logical expert e is drawn from its own generator seeded with `derive_seed(base, 1, e)` and the replicated
+        parameters (gate, shared experts) from `derive_seed(base, 0, 0)`. So with the same seed on rank 0, every
+        EP size and placement holds exactly the weights of the single-process layer, whatever the other ranks'
+        RNG states, and no rank draws an expert it does not hold. Values are drawn in fp32 on the CPU, then cast.
+        """
         cfg = self.config
         hidden, inter = cfg.hidden_size, cfg.moe_intermediate_size
+        base = draw_base_seed(self.group if self.distributed else None, generator)
         with torch.no_grad():
-            self.gate_weight.copy_(torch.randn(cfg.num_experts, hidden, generator=generator) / hidden**0.5)
-            full_w13 = torch.randn(cfg.num_experts, 2 * inter, hidden, generator=generator) / hidden**0.5
-            full_w2 = torch.randn(cfg.num_experts, hidden, inter, generator=generator) / inter**0.5
-            self.load_logical_experts(full_w13, full_w2)
+            gen = torch.Generator().manual_seed(derive_seed(base, 0, 0))
+            self.gate_weight.copy_(torch.randn(cfg.num_experts, hidden, generator=gen) / hidden**0.5)
             if self.shared_experts is not None:
                 for lin in (self.shared_experts.gate_proj, self.shared_experts.up_proj, self.shared_experts.down_proj):
                     fan_in = lin.weight.shape[1]
-                    lin.weight.copy_(torch.randn(lin.weight.shape, generator=generator) / fan_in**0.5)
+                    lin.weight.copy_(torch.randn(lin.weight.shape, generator=gen) / fan_in**0.5)
+            drawn: dict[int, int] = {}  # logical expert -> first local slot holding it (replicas copy it)
+            for slot, expert in enumerate(self.local_slot_experts().tolist()):
+                if expert in drawn:
+                    self.w13[slot].copy_(self.w13[drawn[expert]])
+                    self.w2[slot].copy_(self.w2[drawn[expert]])
+                    continue
+                drawn[expert] = slot
+                gen = torch.Generator().manual_seed(derive_seed(base, 1, expert))
+                self.w13[slot].copy_(torch.randn(2 * inter, hidden, generator=gen) / hidden**0.5)
+                self.w2[slot].copy_(torch.randn(hidden, inter, generator=gen) / inter**0.5)
 
     def local_slot_experts(self) -> torch.Tensor:
         """int64 [num_local_slots]: the logical expert held by each of this rank's slots."""

@@ -245,3 +245,29 @@ def test_bad_configs_across_ranks_raise():
 
 def test_exported_names():
     assert epmoe.MoE is MoE and epmoe.MoEConfig is MoEConfig
+
+
+def _init_logical_weights(rank, world, redundant):
+    # Only rank 0's RNG state may matter: every other rank starts from a different seed.
+    torch.manual_seed(1234 if rank == 0 else 99 + rank)
+    cfg = small_config(num_redundant_experts=redundant)
+    moe = MoE(cfg)
+    experts = moe.local_slot_experts().tolist()
+    return {
+        "gate": moe.gate_weight.detach().clone(),
+        "shared": moe.shared_experts.down_proj.weight.detach().clone(),
+        "experts": {e: (moe.w13[s].detach().clone(), moe.w2[s].detach().clone()) for s, e in enumerate(experts)},
+    }
+
+
+def test_initialisation_is_ep_size_invariant_and_seed_safe():
+    torch.manual_seed(1234)
+    single = MoE(small_config())
+    for world, redundant in ((2, 2), (4, 0)):
+        results = run_ranks(_init_logical_weights, world, redundant)
+        for got in results.values():
+            assert torch.equal(got["gate"], single.gate_weight.detach())
+            assert torch.equal(got["shared"], single.shared_experts.down_proj.weight.detach())
+            for expert, (w13, w2) in got["experts"].items():
+                assert torch.equal(w13, single.w13[expert].detach()), expert
+                assert torch.equal(w2, single.w2[expert].detach()), expert

@@ -10,7 +10,8 @@ namespace {
 
 constexpr int kMr = 4;                 // rows of a per tile
 constexpr int kNr = 6;                 // rows of b per tile
-constexpr int64_t kKChunkBytes = 4096; // K is processed in chunks of this many bytes per row (L1-resident b block)
+constexpr int64_t kKChunkBytes = 4096;  // K is processed in chunks of this many bytes per row (L1-resident b block)
+
 
 // [sum(a), sum(b), sum(c), sum(d)] by a fixed tree: 128-bit blocks pairwise, then the 4 floats of a block.
 EPMOE_TARGET_AVX512 inline __m128 reduce4(__m512 a, __m512 b, __m512 c, __m512 d) {
@@ -54,7 +55,7 @@ EPMOE_TARGET_AVX512 inline void finish_tile(const __m512 (&acc)[MR][NR], float* 
 // fp32 tile: c[m][n] (+)= sum_{k < depth} a[m][k] * b[n * ldb + k]; lane l of an accumulator sums k = l mod 16.
 template <int MR, int NR>
 EPMOE_TARGET_AVX512 void tile_f32(const float* const* a_rows, int64_t k_begin, const float* b, int64_t ldb,
-                                  int64_t depth, float* c, int64_t ldc, bool accumulate) {
+                                  int64_t depth, float* c, int64_t ldc, bool accumulate, bool prefetch_next) {
     __m512 acc[MR][NR];
     const float* a[MR];
     const float* bp[NR];
@@ -70,7 +71,10 @@ EPMOE_TARGET_AVX512 void tile_f32(const float* const* a_rows, int64_t k_begin, c
     for (; k + 16 <= depth; k += 16) {
         __m512 bv[NR];
 #pragma GCC unroll 6
-        for (int n = 0; n < NR; ++n) bv[n] = _mm512_loadu_ps(bp[n] + k);
+        for (int n = 0; n < NR; ++n) {
+            bv[n] = _mm512_loadu_ps(bp[n] + k);
+            if (prefetch_next) __builtin_prefetch(bp[n] + NR * ldb + k, 0, 3);
+        }
 #pragma GCC unroll 4
         for (int m = 0; m < MR; ++m) {
             const __m512 av = _mm512_loadu_ps(a[m] + k);
@@ -96,7 +100,8 @@ EPMOE_TARGET_AVX512 void tile_f32(const float* const* a_rows, int64_t k_begin, c
 // bf16 tile: lane l of an accumulator sums the pairs k = 2l, 2l + 1 (mod 32), by vdpbf16ps.
 template <int MR, int NR>
 EPMOE_TARGET_AVX512_BF16 void tile_bf16(const uint16_t* const* a_rows, int64_t k_begin, const uint16_t* b,
-                                        int64_t ldb, int64_t depth, float* c, int64_t ldc, bool accumulate) {
+                                        int64_t ldb, int64_t depth, float* c, int64_t ldc, bool accumulate,
+                                        bool prefetch_next) {
     __m512 acc[MR][NR];
     const uint16_t* a[MR];
     const uint16_t* bp[NR];
@@ -112,7 +117,10 @@ EPMOE_TARGET_AVX512_BF16 void tile_bf16(const uint16_t* const* a_rows, int64_t k
     for (; k + 32 <= depth; k += 32) {
         __m512bh bv[NR];
 #pragma GCC unroll 6
-        for (int n = 0; n < NR; ++n) bv[n] = (__m512bh)_mm512_loadu_si512(bp[n] + k);
+        for (int n = 0; n < NR; ++n) {
+            bv[n] = (__m512bh)_mm512_loadu_si512(bp[n] + k);
+            if (prefetch_next) __builtin_prefetch(bp[n] + NR * ldb + k, 0, 3);
+        }
 #pragma GCC unroll 4
         for (int m = 0; m < MR; ++m) {
             const __m512bh av = (__m512bh)_mm512_loadu_si512(a[m] + k);
@@ -136,7 +144,7 @@ EPMOE_TARGET_AVX512_BF16 void tile_bf16(const uint16_t* const* a_rows, int64_t k
 }
 
 template <typename T>
-using TileFn = void (*)(const T* const*, int64_t, const T*, int64_t, int64_t, float*, int64_t, bool);
+using TileFn = void (*)(const T* const*, int64_t, const T*, int64_t, int64_t, float*, int64_t, bool, bool);
 
 template <typename T, int MR, int NR>
 constexpr TileFn<T> tile_fn() {
@@ -156,6 +164,9 @@ constexpr const TileFn<T>* kTiles[kMr] = {kRow<T, 1>, kRow<T, 2>, kRow<T, 3>, kR
 
 // NOTES: loop order K chunk -> b block -> a block: the kNr rows of b (one K chunk each) stay in L1 while every
 // row block of a passes; a chunk's partial sums are added to c in chunk order, so the sum order is fixed by K.
+// The first a block of each b block prefetches the next b block: in decode every b row is read once, straight
+// from memory, and the hardware prefetcher does not follow rows shorter than a page whose accesses interleave
+// (measured: bf16 K=1024 weights streamed at 60% of the fp32 rate without it).
 template <typename T>
 void gemm_nt_impl(const T* const* a_rows, int64_t num_rows, const T* b, int64_t ldb, int64_t num_cols,
                   int64_t depth, float* c, int64_t ldc) {
@@ -172,7 +183,7 @@ void gemm_nt_impl(const T* const* a_rows, int64_t num_rows, const T* b, int64_t 
             for (int64_t m0 = 0; m0 < num_rows; m0 += kMr) {
                 const int mr = static_cast<int>(num_rows - m0 < kMr ? num_rows - m0 : kMr);
                 kTiles<T>[mr - 1][nr - 1](a_rows + m0, k0, b + n0 * ldb + k0, ldb, kc, c + m0 * ldc + n0, ldc,
-                                          k0 > 0);
+                                          k0 > 0, m0 == 0 && n0 + kNr < num_cols);
             }
         }
     }

@@ -1,0 +1,88 @@
+"""Timing and ceilings shared by the CPU benchmarks (bench_experts, bench_layer, bench_route).
+
+- `interleaved`: wall-clock samples of several callables, alternating them within each round, so that machine load
+  hits them alike; ratios are taken per round and their median reported (`median_ratio`).
+- `cpu_ceilings`: the physical limits of the machine measured in the same run: the fp32 FMA and bf16 dot-product
+  peak of the intra-op threads (`torch.ops.epmoe.cpu_peak_gflops`) and the read bandwidth `x.sum()` shows.
+"""
+
+from __future__ import annotations
+
+import os
+import platform
+import statistics
+import time
+
+import torch
+
+
+def interleaved(fns: dict, rounds: int, warmup: int = 1) -> dict[str, list[float]]:
+    """{name: [seconds per round]}: each round calls every fn once, in order."""
+    for _ in range(warmup):
+        for fn in fns.values():
+            fn()
+    samples = {name: [] for name in fns}
+    for _ in range(rounds):
+        for name, fn in fns.items():
+            t0 = time.perf_counter()
+            fn()
+            samples[name].append(time.perf_counter() - t0)
+    return samples
+
+
+def median_ms(samples: dict[str, list[float]]) -> dict[str, float]:
+    return {name: statistics.median(s) * 1e3 for name, s in samples.items()}
+
+
+def median_ratio(samples: dict[str, list[float]], baselines: list[str], target: str) -> float:
+    """Median over rounds of (fastest baseline of the round) / target: > 1 means target is faster."""
+    ratios = [min(samples[b][i] for b in baselines) / samples[target][i] for i in range(len(samples[target]))]
+    return statistics.median(ratios)
+
+
+def read_bandwidth(num_bytes: int, rounds: int) -> float:
+    """GB/s of `x.sum()` over an fp32 tensor of num_bytes (the read bandwidth, at the memory level that size lives
+    in: compare with work on the same number of bytes)."""
+    x = torch.ones(max(num_bytes // 4, 1024), dtype=torch.float32)
+    seconds = statistics.median(interleaved({"sum": x.sum}, rounds)["sum"])
+    return x.numel() * 4 / seconds / 1e9
+
+
+def cpu_peaks() -> dict[str, float | None]:
+    """GFLOP/s of the fp32 FMA and bf16 dot-product loops on all intra-op threads; None where unsupported."""
+    peaks = {}
+    for kind in ("fp32_fma", "bf16_dot"):
+        try:
+            peaks[kind] = max(torch.ops.epmoe.cpu_peak_gflops(kind, 0.1) for _ in range(3))
+        except RuntimeError:
+            peaks[kind] = None
+    return peaks
+
+
+def cpu_description() -> dict:
+    """CPU model, the ISA flags the kernels dispatch on, threads, and the forced GEMM backend if any."""
+    flags, model = set(), platform.processor() or platform.machine()
+    try:
+        with open("/proc/cpuinfo") as f:
+            for line in f:
+                if line.startswith("model name") and model in ("", platform.machine()):
+                    model = line.split(":", 1)[1].strip()
+                if line.startswith("flags"):
+                    flags = set(line.split(":", 1)[1].split())
+                    break
+    except OSError:
+        pass
+    isa = [f for f in ("avx2", "avx512f", "avx512_bf16", "amx_bf16") if f in flags]
+    return {
+        "model": model,
+        "isa": isa,
+        "threads": torch.get_num_threads(),
+        "cpu_gemm": os.environ.get("EPMOE_CPU_GEMM", "auto"),
+    }
+
+
+def format_peaks(peaks: dict) -> str:
+    def fmt(v):
+        return "n/a" if v is None else f"{v:.0f} GFLOP/s"
+
+    return f"fp32 FMA peak {fmt(peaks['fp32_fma'])}, bf16 dot-product peak {fmt(peaks['bf16_dot'])}"

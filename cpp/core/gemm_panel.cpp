@@ -38,15 +38,23 @@ class WeightPrefetch {
     int64_t row_bytes_ = 0, remaining_ = 0, row_ = 0, offset_ = 0;
 };
 
-// Requests write ownership of the output lines a tile will store (columns [col, col + num_cols) of each row), at
-// the start of the tile: the store then finds them in cache instead of stalling on memory.
-inline void prefetch_output(void* const* out_rows, int64_t num_rows, int64_t col, int num_cols, int64_t elem) {
-    for (int64_t m = 0; m < num_rows; ++m) {
-        const char* first = static_cast<const char*>(out_rows[m]) + col * elem;
-        __builtin_prefetch(first, 1, 3);
-        __builtin_prefetch(first + num_cols * elem - 1, 1, 3);
+// Requests write ownership of the output lines a tile will store (columns [col, col + width) of each of its rows),
+// one line per K step from the start of the tile: the stores at its end then find them in cache. Spread over the
+// loop, since a burst of misses at once would wait for the core's few line fill buffers.
+class OutputPrefetch {
+  public:
+    OutputPrefetch(void* const* rows, int64_t num_rows, int64_t col_byte, int64_t width_bytes)
+        : rows_(rows), first_(col_byte), last_(col_byte + width_bytes - 1), remaining_(2 * num_rows) {}
+    inline void next() {
+        if (remaining_ <= 0) return;
+        --remaining_;
+        __builtin_prefetch(static_cast<const char*>(rows_[remaining_ >> 1]) + ((remaining_ & 1) ? last_ : first_), 1, 2);
     }
-}
+
+  private:
+    void* const* rows_;
+    int64_t first_, last_, remaining_;
+};
 
 // 32-bit words per packed row: fp32 values, or bf16 pairs (an odd depth ends in a pair with a zero high half).
 template <typename T>
@@ -104,80 +112,107 @@ EPMOE_TARGET_AVX512 inline void store_tile(const __m512 (&v)[NC][2], int num_col
     }
 }
 
+// 12 weight rows as four groups of 3 rows of stride ld elements: row n = base[n / 3] + (n % 3) * ld. With one
+// pointer per group and ld in a register every row is a single addressing mode (ld scaled by 1, 2, 4 or 8), which
+// keeps the K loop's 12 broadcasts within the 16 general registers.
+template <typename T>
+struct WeightBlock {
+    const T* base[4];
+    int64_t ld;
+};
+
 // ---- fp32 tiles: acc[n][half] += w[n][k] * panel[k][16 * half .. + 16]
 
-template <int NW>
-EPMOE_TARGET_AVX512 inline void tile_f32(const uint32_t* panel, int64_t depth, const float* const (&w)[NW],
-                                         WeightPrefetch prefetch, __m512 (&out)[NW][2]) {
-    __m512 acc[NW][2];  // local: `out` may alias the loads (__m512 is may_alias), registers need a local
+EPMOE_TARGET_AVX512 inline void tile_f32(const uint32_t* panel, int64_t depth, const WeightBlock<float>& w,
+                                         WeightPrefetch prefetch, OutputPrefetch out_prefetch, __m512 (&out)[12][2]) {
+    __m512 acc[12][2];  // local: `out` may alias the loads (__m512 is may_alias), registers need a local
 #pragma GCC unroll 12
-    for (int n = 0; n < NW; ++n) acc[n][0] = acc[n][1] = _mm512_setzero_ps();
+    for (int n = 0; n < 12; ++n) acc[n][0] = acc[n][1] = _mm512_setzero_ps();
     const float* p = reinterpret_cast<const float*>(panel);
+    const float* g[4] = {w.base[0], w.base[1], w.base[2], w.base[3]};
+    const int64_t ld = w.ld;
     for (int64_t k = 0; k < depth; ++k) {
-        const __m512 x0 = _mm512_load_ps(p + k * kPanelRows), x1 = _mm512_load_ps(p + k * kPanelRows + 16);
+        const __m512 x0 = _mm512_load_ps(p), x1 = _mm512_load_ps(p + 16);
+        p += kPanelRows;
         prefetch.next();
-#pragma GCC unroll 12
-        for (int n = 0; n < NW; ++n) {
-            const __m512 b = _mm512_set1_ps(w[n][k]);
-            acc[n][0] = _mm512_fmadd_ps(b, x0, acc[n][0]);
-            acc[n][1] = _mm512_fmadd_ps(b, x1, acc[n][1]);
+        out_prefetch.next();
+#pragma GCC unroll 4
+        for (int q = 0; q < 4; ++q) {
+#pragma GCC unroll 3
+            for (int i = 0; i < 3; ++i) {
+                const __m512 b = _mm512_set1_ps(g[q][i * ld]);
+                acc[3 * q + i][0] = _mm512_fmadd_ps(b, x0, acc[3 * q + i][0]);
+                acc[3 * q + i][1] = _mm512_fmadd_ps(b, x1, acc[3 * q + i][1]);
+            }
+            ++g[q];
         }
     }
 #pragma GCC unroll 12
-    for (int n = 0; n < NW; ++n) out[n][0] = acc[n][0], out[n][1] = acc[n][1];
+    for (int n = 0; n < 12; ++n) out[n][0] = acc[n][0], out[n][1] = acc[n][1];
 }
 
 // ---- bf16 tiles: one vdpbf16ps per (weight row, half) and pair of K values
 
-template <int NW>
-EPMOE_TARGET_AVX512_BF16 void tile_bf16(const uint32_t* panel, int64_t depth, const uint16_t* const (&w)[NW],
-                                        WeightPrefetch prefetch, __m512 (&out)[NW][2]) {
-    __m512 acc[NW][2];
+EPMOE_TARGET_AVX512_BF16 void tile_bf16(const uint32_t* panel, int64_t depth, const WeightBlock<uint16_t>& w,
+                                        WeightPrefetch prefetch, OutputPrefetch out_prefetch, __m512 (&out)[12][2]) {
+    __m512 acc[12][2];
 #pragma GCC unroll 12
-    for (int n = 0; n < NW; ++n) acc[n][0] = acc[n][1] = _mm512_setzero_ps();
+    for (int n = 0; n < 12; ++n) acc[n][0] = acc[n][1] = _mm512_setzero_ps();
+    const uint32_t* p = panel;
+    const uint16_t* g[4] = {w.base[0], w.base[1], w.base[2], w.base[3]};
+    const int64_t ld = w.ld;
     const int64_t full_words = depth / 2;
     for (int64_t k = 0; k < full_words; ++k) {
-        const __m512bh x0 = (__m512bh)_mm512_load_si512(panel + k * kPanelRows);
-        const __m512bh x1 = (__m512bh)_mm512_load_si512(panel + k * kPanelRows + 16);
+        const __m512bh x0 = (__m512bh)_mm512_load_si512(p), x1 = (__m512bh)_mm512_load_si512(p + 16);
+        p += kPanelRows;
         prefetch.next();
-#pragma GCC unroll 12
-        for (int n = 0; n < NW; ++n) {
-            const __m512bh b = (__m512bh)_mm512_set1_epi32(*reinterpret_cast<const u32_unaligned*>(w[n] + 2 * k));
-            acc[n][0] = _mm512_dpbf16_ps(acc[n][0], x0, b);
-            acc[n][1] = _mm512_dpbf16_ps(acc[n][1], x1, b);
+        out_prefetch.next();
+#pragma GCC unroll 4
+        for (int q = 0; q < 4; ++q) {
+#pragma GCC unroll 3
+            for (int i = 0; i < 3; ++i) {
+                const __m512bh b = (__m512bh)_mm512_set1_epi32(*reinterpret_cast<const u32_unaligned*>(g[q] + i * ld));
+                acc[3 * q + i][0] = _mm512_dpbf16_ps(acc[3 * q + i][0], x0, b);
+                acc[3 * q + i][1] = _mm512_dpbf16_ps(acc[3 * q + i][1], x1, b);
+            }
+            g[q] += 2;
         }
     }
     if (full_words * 2 < depth) {  // odd depth: (last value, 0) pairs on both sides
-        const __m512bh x0 = (__m512bh)_mm512_load_si512(panel + full_words * kPanelRows);
-        const __m512bh x1 = (__m512bh)_mm512_load_si512(panel + full_words * kPanelRows + 16);
-#pragma GCC unroll 12
-        for (int n = 0; n < NW; ++n) {
-            const __m512bh b = (__m512bh)_mm512_set1_epi32(static_cast<int>(w[n][depth - 1]));
-            acc[n][0] = _mm512_dpbf16_ps(acc[n][0], x0, b);
-            acc[n][1] = _mm512_dpbf16_ps(acc[n][1], x1, b);
+        const __m512bh x0 = (__m512bh)_mm512_load_si512(p), x1 = (__m512bh)_mm512_load_si512(p + 16);
+#pragma GCC unroll 4
+        for (int q = 0; q < 4; ++q) {
+#pragma GCC unroll 3
+            for (int i = 0; i < 3; ++i) {
+                const __m512bh b = (__m512bh)_mm512_set1_epi32(static_cast<int>(g[q][i * ld]));
+                acc[3 * q + i][0] = _mm512_dpbf16_ps(acc[3 * q + i][0], x0, b);
+                acc[3 * q + i][1] = _mm512_dpbf16_ps(acc[3 * q + i][1], x1, b);
+            }
         }
     }
 #pragma GCC unroll 12
-    for (int n = 0; n < NW; ++n) out[n][0] = acc[n][0], out[n][1] = acc[n][1];
-}
-
-template <typename T, int NW>
-EPMOE_TARGET_AVX512 inline void tile(const uint32_t* panel, int64_t depth, const T* const (&w)[NW],
-                                     WeightPrefetch prefetch, __m512 (&acc)[NW][2]) {
-    if constexpr (sizeof(T) == 4) {
-        tile_f32<NW>(panel, depth, w, prefetch, acc);
-    } else {
-        tile_bf16<NW>(panel, depth, w, prefetch, acc);
-    }
+    for (int n = 0; n < 12; ++n) out[n][0] = acc[n][0], out[n][1] = acc[n][1];
 }
 
 template <typename T>
-EPMOE_TARGET_AVX512 void swiglu_tile(const uint32_t* panel, int64_t depth, const T* const (&w)[2 * kSwigluCols],
+EPMOE_TARGET_AVX512 inline void tile(const uint32_t* panel, int64_t depth, const WeightBlock<T>& w,
+                                     WeightPrefetch prefetch, OutputPrefetch out_prefetch, __m512 (&acc)[12][2]) {
+    if constexpr (sizeof(T) == 4) {
+        tile_f32(panel, depth, w, prefetch, out_prefetch, acc);
+    } else {
+        tile_bf16(panel, depth, w, prefetch, out_prefetch, acc);
+    }
+}
+
+// Rows 0-5 of w: gate rows of 6 h columns, rows 6-11: their up rows.
+template <typename T>
+EPMOE_TARGET_AVX512 void swiglu_tile(const uint32_t* panel, int64_t depth, const WeightBlock<T>& w,
                                      WeightPrefetch prefetch, int num_cols, int64_t num_rows, DType dtype,
                                      void* const* out_rows, int64_t col) {
-    prefetch_output(out_rows, num_rows < kPanelRows ? num_rows : kPanelRows, col, num_cols, sizeof(T));
-    __m512 acc[2 * kSwigluCols][2];
-    tile<T, 2 * kSwigluCols>(panel, depth, w, prefetch, acc);
+    const OutputPrefetch out_prefetch(out_rows, num_rows < kPanelRows ? num_rows : kPanelRows, col * sizeof(T),
+                                      num_cols * sizeof(T));
+    __m512 acc[12][2];
+    tile<T>(panel, depth, w, prefetch, out_prefetch, acc);
     __m512 h[kSwigluCols][2];
 #pragma GCC unroll 6
     for (int c = 0; c < kSwigluCols; ++c) {
@@ -188,12 +223,13 @@ EPMOE_TARGET_AVX512 void swiglu_tile(const uint32_t* panel, int64_t depth, const
 }
 
 template <typename T>
-EPMOE_TARGET_AVX512 void gemm_tile(const uint32_t* panel, int64_t depth, const T* const (&w)[kGemmCols],
+EPMOE_TARGET_AVX512 void gemm_tile(const uint32_t* panel, int64_t depth, const WeightBlock<T>& w,
                                    WeightPrefetch prefetch, int num_cols, int64_t num_rows, DType dtype,
                                    void* const* out_rows, int64_t col) {
-    prefetch_output(out_rows, num_rows < kPanelRows ? num_rows : kPanelRows, col, num_cols, sizeof(T));
-    __m512 acc[kGemmCols][2];
-    tile<T, kGemmCols>(panel, depth, w, prefetch, acc);
+    const OutputPrefetch out_prefetch(out_rows, num_rows < kPanelRows ? num_rows : kPanelRows, col * sizeof(T),
+                                      num_cols * sizeof(T));
+    __m512 acc[12][2];
+    tile<T>(panel, depth, w, prefetch, out_prefetch, acc);
     store_tile<kGemmCols>(acc, num_cols, num_rows, dtype, out_rows, col);
 }
 
@@ -208,72 +244,82 @@ int64_t pack_panels(const void* const* a_rows, int64_t num_rows, int64_t depth, 
     return stride;
 }
 
-// Weight rows of block c0 (columns [c0, c0 + width) of `w`, at most kMax rows): edge blocks repeat their last row.
-template <typename T, int kMax>
-int block_rows(const T* w, int64_t depth, int64_t c0, int64_t col_end, const T* (&rows)[kMax]) {
-    const int num = static_cast<int>(col_end - c0 < kMax ? col_end - c0 : kMax);
-    for (int c = 0; c < kMax; ++c) rows[c] = w + (c0 + (c < num ? c : num - 1)) * depth;
-    return num;
+// The weight rows of one tile: `num` consecutive groups of `group` rows (gate then up for SwiGLU: 2 groups of 6;
+// a plain GEMM: 1 group of 12) starting at first[g], row stride depth. Blocks with fewer than `group` valid rows (the
+// last of a call) are copied into `edge` ([12, depth], the last valid row repeated), so that the tile always reads
+// 12 in-bounds rows of one stride.
+template <typename T>
+WeightBlock<T> weight_block(const T* const* first, int num_groups, int valid, int64_t depth, T* edge) {
+    const int group = 12 / num_groups;
+    if (valid == group) {
+        WeightBlock<T> block{{}, depth};
+        for (int q = 0; q < 4; ++q) block.base[q] = first[q * 3 / group] + (q * 3 % group) * depth;
+        return block;
+    }
+    for (int n = 0; n < 12; ++n) {
+        const int g = n / group, row = n % group < valid ? n % group : valid - 1;
+        std::memcpy(edge + n * depth, first[g] + row * depth, depth * sizeof(T));
+    }
+    return WeightBlock<T>{{edge, edge + 3 * depth, edge + 6 * depth, edge + 9 * depth}, depth};
 }
 
-// The share of panel p (of num_panels) of the lines of `next` (num_rows rows of depth T values).
+// The share of panel p (of num_panels) of the lines of the next block (`next`: its 12 row addresses).
 template <typename T>
-WeightPrefetch prefetch_share(const void* const* next, int num_rows, int64_t depth, int64_t p, int64_t num_panels) {
+WeightPrefetch prefetch_share(const void* const* next, int64_t depth, int64_t p, int64_t num_panels) {
     if (next == nullptr) return {};
     const int64_t row_bytes = depth * static_cast<int64_t>(sizeof(T));
-    const int64_t lines = num_rows * ((row_bytes + 63) / 64);
+    const int64_t lines = 12 * ((row_bytes + 63) / 64);
     return WeightPrefetch(next, row_bytes, lines * p / num_panels, lines * (p + 1) / num_panels);
 }
 
 // NOTES: loop order weight block -> panel: the block's 12 weight rows are reused by every panel from L1/L2, the
-// panels (all rows of the call) stay in L2. Edge blocks repeat their last weight row and store fewer columns.
+// panels (all rows of the call) stay in L2; while a block runs, its tiles prefetch the next block. `first` holds
+// the first row of each group of the block at columns [c0, c0 + width): SwiGLU gate and up rows (2 groups of 6),
+// plain GEMM rows (1 group of 12).
+template <typename T, int kGroups>
+void run_blocks(DType dtype, const T* const (&first)[kGroups], int64_t depth, int64_t col_begin, int64_t col_end,
+                const uint32_t* panels, int64_t stride, int64_t num_rows, void* const* out_rows, T* edge) {
+    constexpr int kWidth = 12 / kGroups;  // output columns per block
+    const int64_t num_panels = (num_rows + kPanelRows - 1) / kPanelRows;
+    for (int64_t c0 = col_begin; c0 < col_end; c0 += kWidth) {
+        const int valid = static_cast<int>(col_end - c0 < kWidth ? col_end - c0 : kWidth);
+        const T* rows[kGroups];
+        for (int g = 0; g < kGroups; ++g) rows[g] = first[g] + (c0 - col_begin) * depth;
+        const WeightBlock<T> block = weight_block<T>(rows, kGroups, valid, depth, edge);
+        const void* next[12];
+        const bool has_next = c0 + kWidth < col_end;
+        for (int n = 0; n < 12 && has_next; ++n)  // the next block's rows (its tail rows may be past col_end)
+            next[n] = rows[n / kWidth] + (kWidth + (n % kWidth < col_end - c0 - kWidth ? n % kWidth : 0)) * depth;
+        for (int64_t p = 0; p < num_panels; ++p) {
+            const WeightPrefetch prefetch = prefetch_share<T>(has_next ? next : nullptr, depth, p, num_panels);
+            const uint32_t* panel = panels + p * stride;
+            if constexpr (kGroups == 2) {
+                swiglu_tile<T>(panel, depth, block, prefetch, valid, num_rows - p * kPanelRows, dtype,
+                               out_rows + p * kPanelRows, c0);
+            } else {
+                gemm_tile<T>(panel, depth, block, prefetch, valid, num_rows - p * kPanelRows, dtype,
+                             out_rows + p * kPanelRows, c0);
+            }
+        }
+    }
+}
+
 template <typename T>
 void panel_swiglu_impl(DType dtype, const void* const* a_rows, int64_t num_rows, int64_t hidden, const T* w13,
                        int64_t inter, int64_t col_begin, int64_t col_end, void* const* out_rows, uint32_t* panels) {
     const int64_t stride = pack_panels<T>(a_rows, num_rows, hidden, panels);
-    const int64_t num_panels = (num_rows + kPanelRows - 1) / kPanelRows;
-    const T* gate[kSwigluCols];
-    const T* up[kSwigluCols];
-    const T* w[2][2 * kSwigluCols];  // this block, next block: 6 gate rows then 6 up rows
-    auto fill = [&](int64_t c0, const T* (&dst)[2 * kSwigluCols]) {
-        const int num = block_rows<T, kSwigluCols>(w13, hidden, c0, col_end, gate);
-        block_rows<T, kSwigluCols>(w13 + inter * hidden, hidden, c0, col_end, up);
-        for (int c = 0; c < kSwigluCols; ++c) dst[c] = gate[c], dst[kSwigluCols + c] = up[c];
-        return num;
-    };
-    int cur = 0;
-    int num_cols = fill(col_begin, w[cur]);
-    for (int64_t c0 = col_begin; c0 < col_end; c0 += kSwigluCols, cur ^= 1) {
-        const bool has_next = c0 + kSwigluCols < col_end;
-        const int next_cols = has_next ? fill(c0 + kSwigluCols, w[cur ^ 1]) : 0;
-        const void* const* next = has_next ? reinterpret_cast<const void* const*>(w[cur ^ 1]) : nullptr;
-        for (int64_t p = 0; p < num_panels; ++p) {
-            swiglu_tile<T>(panels + p * stride, hidden, w[cur],
-                           prefetch_share<T>(next, 2 * kSwigluCols, hidden, p, num_panels), num_cols,
-                           num_rows - p * kPanelRows, dtype, out_rows + p * kPanelRows, c0);
-        }
-        num_cols = next_cols;
-    }
+    T* edge = reinterpret_cast<T*>(panels + ((num_rows + kPanelRows - 1) / kPanelRows) * stride);
+    const T* const first[2] = {w13 + col_begin * hidden, w13 + (inter + col_begin) * hidden};
+    run_blocks<T, 2>(dtype, first, hidden, col_begin, col_end, panels, stride, num_rows, out_rows, edge);
 }
 
 template <typename T>
 void panel_gemm_impl(DType dtype, const void* const* a_rows, int64_t num_rows, int64_t depth, const T* w_all,
                      int64_t col_begin, int64_t col_end, void* const* out_rows, uint32_t* panels) {
     const int64_t stride = pack_panels<T>(a_rows, num_rows, depth, panels);
-    const int64_t num_panels = (num_rows + kPanelRows - 1) / kPanelRows;
-    const T* w[2][kGemmCols];
-    int cur = 0;
-    int num_cols = block_rows<T, kGemmCols>(w_all, depth, col_begin, col_end, w[cur]);
-    for (int64_t c0 = col_begin; c0 < col_end; c0 += kGemmCols, cur ^= 1) {
-        const bool has_next = c0 + kGemmCols < col_end;
-        const int next_cols = has_next ? block_rows<T, kGemmCols>(w_all, depth, c0 + kGemmCols, col_end, w[cur ^ 1]) : 0;
-        const void* const* next = has_next ? reinterpret_cast<const void* const*>(w[cur ^ 1]) : nullptr;
-        for (int64_t p = 0; p < num_panels; ++p) {
-            gemm_tile<T>(panels + p * stride, depth, w[cur], prefetch_share<T>(next, kGemmCols, depth, p, num_panels),
-                         num_cols, num_rows - p * kPanelRows, dtype, out_rows + p * kPanelRows, c0);
-        }
-        num_cols = next_cols;
-    }
+    T* edge = reinterpret_cast<T*>(panels + ((num_rows + kPanelRows - 1) / kPanelRows) * stride);
+    const T* const first[1] = {w_all + col_begin * depth};
+    run_blocks<T, 1>(dtype, first, depth, col_begin, col_end, panels, stride, num_rows, out_rows, edge);
 }
 
 void check_supported(DType dtype) {
@@ -285,7 +331,8 @@ void check_supported(DType dtype) {
 
 int64_t panel_scratch_bytes(DType dtype, int64_t num_rows, int64_t depth) {
     const int64_t words = dtype == DType::kFloat32 ? depth : (depth + 1) / 2;
-    return (num_rows + kPanelRows - 1) / kPanelRows * kPanelRows * words * 4;
+    const int64_t edge_block = 12 * depth * (dtype == DType::kFloat32 ? 4 : 2);
+    return (num_rows + kPanelRows - 1) / kPanelRows * kPanelRows * words * 4 + edge_block;
 }
 
 void panel_swiglu(DType dtype, const void* const* a_rows, int64_t num_rows, int64_t hidden, const void* w13,

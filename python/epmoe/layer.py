@@ -12,10 +12,13 @@ import torch.nn.functional as F
 from torch import nn
 
 from epmoe import _validate, eplb
+from epmoe._logging import get_logger
 from epmoe.experts import experts_forward, grouped_swiglu_experts
 from epmoe.ops import route
 
 __all__ = ["MoEConfig", "MoE"]
+
+log = get_logger(__name__)
 
 _SCORINGS = ("softmax", "sigmoid")
 _MODES = ("exact", "capacity")
@@ -406,6 +409,8 @@ class MoE(nn.Module):
             "bytes_moved": 0,
         }
         if new == previous:
+            log.info("layer %d: EPLB rebalance kept the placement (balancedness %.4f on the recorded window)",
+                     self.layer_idx, stats["balancedness_before"])
             return stats
         tensors = [self.w13.data, self.w2.data] + list(extra_tensors or [])
         if self.distributed:
@@ -417,4 +422,7 @@ class MoE(nn.Module):
             for t in tensors:
                 t.copy_(t.index_select(0, old_slot))
         self._install_placement(new)
+        log.info("layer %d: EPLB rebalance: balancedness %.4f -> %.4f, %d slots changed, %d bytes sent by this rank",
+                 self.layer_idx, stats["balancedness_before"], stats["balancedness_after"],
+                 new.moves_from(previous).changed_slots, stats["bytes_moved"])
         return stats

@@ -91,11 +91,9 @@ def _reference_forward(cfg, x, gate_weight, bias, w13, w2, shared):
 
 
 def _worker(rank: int, num_ranks: int, args: argparse.Namespace, port: int | None) -> None:
-    from epmoe import eplb
-    from epmoe.layer import MoE, MoEConfig
-
-    from epmoe import _logging
+    from epmoe import _logging, eplb
     from epmoe.cli import log_level
+    from epmoe.layer import MoE, MoEConfig
 
     _logging.configure(log_level(args))  # spawned ranks start with fresh logging
     use_cuda = torch.cuda.is_available() and args.device != "cpu"

@@ -28,7 +28,7 @@ _MODES = ("exact", "capacity")
 class MoEConfig:
     """Configuration of an `epmoe.MoE` layer.
 
-    Routing follows docs/semantics.md (`epmoe.route`): `scoring`, `num_groups`/`topk_groups`, an optional fp32 correction
+    Routing as in `epmoe.route` (docs/semantics.md): `scoring`, `num_groups`/`topk_groups`, an optional fp32 correction
     bias (`use_bias`, selection only), `renormalize`, then `scaling_factor`. Shared experts are a dense SwiGLU MLP of
     `shared_intermediate_size` (default `moe_intermediate_size * num_shared_experts`) replicated on every rank.
     `num_redundant_experts` extra physical slots hold EPLB replicas of hot experts; `(num_experts +

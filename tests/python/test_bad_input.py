@@ -16,28 +16,28 @@ import torch
 from ep_harness import run_ranks
 from epmoe import eplb
 
-E, H, I, T, K = 8, 16, 8, 6, 2
+E, H, INTER, T, K = 8, 16, 8, 6, 2
 
 
 def _inputs() -> SimpleNamespace:
     gen = torch.Generator().manual_seed(0)
     idx = torch.randint(0, E, (T, K), generator=gen, dtype=torch.int32)
     idx[:, 1] = (idx[:, 0] + 1) % E
-    w13 = torch.randn(E, 2 * I, H, generator=gen) / 4
-    w2 = torch.randn(E, H, I, generator=gen) / 4
+    w13 = torch.randn(E, 2 * INTER, H, generator=gen) / 4
+    w2 = torch.randn(E, H, INTER, generator=gen) / 4
     offsets = torch.tensor([0, 2, 3, 5, 6, 8, 9, 11, 12])  # E + 1 segments of T * K = 12 rows
     rows = torch.randn(T * K, H, generator=gen)
     return SimpleNamespace(
         logits=torch.randn(T, E, generator=gen), bias=torch.zeros(E), x=torch.randn(T, H, generator=gen), idx=idx,
         w=torch.rand(T, K, generator=gen), w13=w13, w2=w2, rows=rows, offsets=offsets, load=np.ones((2, E)),
         placement=eplb.plan(np.ones((2, E)), E, 4),
-        moe=epmoe.MoE(epmoe.MoEConfig(hidden_size=H, moe_intermediate_size=I, num_experts=E, top_k=K)),
+        moe=epmoe.MoE(epmoe.MoEConfig(hidden_size=H, moe_intermediate_size=INTER, num_experts=E, top_k=K)),
         recorder=eplb.LoadRecorder(1, E, 4),
     )
 
 
 def _config(**overrides):
-    return epmoe.MoEConfig(**{**dict(hidden_size=H, moe_intermediate_size=I, num_experts=E, top_k=K), **overrides})
+    return epmoe.MoEConfig(**{**dict(hidden_size=H, moe_intermediate_size=INTER, num_experts=E, top_k=K), **overrides})
 
 
 # (id, call(inputs), exception type, regex the message must match: it names the argument)

@@ -236,7 +236,8 @@ def test_experts_forward_bad_input():
     # Non-contiguous inputs are accepted (made contiguous once), with the same result.
     xt = x.t().contiguous().t()
     assert not xt.is_contiguous()
-    assert torch.equal(epmoe.experts_forward(xt, ids, weights, w13, w2), epmoe.experts_forward(x, ids, weights, w13, w2))
+    expected = epmoe.experts_forward(x, ids, weights, w13, w2)
+    assert torch.equal(epmoe.experts_forward(xt, ids, weights, w13, w2), expected)
     with pytest.raises(TypeError, match="topk_idx must be int32 or int64"):
         epmoe.experts_forward(x, ids.to(torch.int16), weights, w13, w2)
     with pytest.raises(ValueError, match="must be on"):

@@ -50,16 +50,35 @@ def get_logger(name: str) -> logging.LoggerAdapter:
     return _RankAdapter(logging.getLogger(name), {})
 
 
+class _StderrHandler(logging.StreamHandler):
+    """Writes to whatever sys.stderr is at the time of the record (not the object it was when installed)."""
+
+    def __init__(self):
+        logging.Handler.__init__(self)
+
+    @property
+    def stream(self):
+        return sys.stderr
+
+
 def configure(level: int | str = logging.INFO, stream=None) -> logging.Handler:
-    """Sends the package's records at `level` and above to `stream` (default stderr) in `FORMAT`; for
-    applications and the `epmoe` command. Calling it again replaces the handler it installed before."""
+    """Sends the package's records at `level` and above to `stream` (default: the current sys.stderr) in
+    `FORMAT`; for applications and the `epmoe` command. Calling it again replaces the handler it installed before;
+    `unconfigure(handler)` removes it."""
     logger = logging.getLogger(PACKAGE)
     for handler in list(logger.handlers):
         if getattr(handler, "_epmoe_cli", False):
             logger.removeHandler(handler)
-    handler = logging.StreamHandler(stream if stream is not None else sys.stderr)
+    handler = _StderrHandler() if stream is None else logging.StreamHandler(stream)
     handler.setFormatter(logging.Formatter(FORMAT, datefmt="%H:%M:%S"))
     handler._epmoe_cli = True
     logger.addHandler(handler)
     logger.setLevel(level)
     return handler
+
+
+def unconfigure(handler: logging.Handler) -> None:
+    """Undoes `configure`: removes its handler and resets the package logger's level."""
+    logger = logging.getLogger(PACKAGE)
+    logger.removeHandler(handler)
+    logger.setLevel(logging.NOTSET)

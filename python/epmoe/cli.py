@@ -128,7 +128,7 @@ def main(argv: list[str] | None = None) -> int:
 
     args = build_parser().parse_args(sys.argv[1:] if argv is None else list(argv))
     prog = f"epmoe {args.command}"
-    _logging.configure(log_level(args))
+    handler = _logging.configure(log_level(args))
     try:
         return int(args.func(args) or 0)
     except KeyboardInterrupt:
@@ -141,6 +141,8 @@ def main(argv: list[str] | None = None) -> int:
         hint = "" if user else " (run with --debug for the traceback)"
         print(f"{prog}: error: {error_message(exc)}{hint}", file=sys.stderr)
         return EXIT_USAGE if user else EXIT_FAILURE
+    finally:
+        _logging.unconfigure(handler)
 
 
 def _is_user_error_in_worker(exc: BaseException) -> bool:

@@ -95,7 +95,8 @@ def _worker(rank: int, num_ranks: int, args: argparse.Namespace, port: int | Non
     from epmoe.cli import log_level
     from epmoe.layer import MoE, MoEConfig
 
-    _logging.configure(log_level(args))  # spawned ranks start with fresh logging
+    if port is not None:  # a spawned rank starts with fresh logging (under torchrun, `epmoe` configured it)
+        _logging.configure(log_level(args))
     use_cuda = torch.cuda.is_available() and args.device != "cpu"
     backend = "nccl" if use_cuda else "gloo"
     if port is not None:

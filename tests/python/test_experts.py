@@ -86,7 +86,7 @@ def test_grouped_ops_bad_input():
         grouped_swiglu(x, torch.tensor([0, 6, 4]), w13)
     with pytest.raises(ValueError, match="expert_offsets\\[-1\\]"):
         grouped_swiglu(x, torch.tensor([0, 6, 11]), w13)
-    with pytest.raises(TypeError, match="expert_offsets must be Long"):
+    with pytest.raises(TypeError, match="expert_offsets must be int64, got int32"):
         grouped_swiglu(x, off.int(), w13)
     with pytest.raises(ValueError, match="x must be contiguous"):
         grouped_swiglu(torch.randn(16, 10).t(), off, w13)

@@ -52,11 +52,9 @@ def test_configure_formats_package_records():
         assert _logging.configure("WARNING", stream=stream) is not handler  # replaced, not stacked
         assert sum(getattr(h, "_epmoe_cli", False) for h in logging.getLogger("epmoe").handlers) == 1
     finally:
-        logger = logging.getLogger("epmoe")
-        for h in list(logger.handlers):
+        for h in list(logging.getLogger("epmoe").handlers):
             if getattr(h, "_epmoe_cli", False):
-                logger.removeHandler(h)
-        logger.setLevel(logging.NOTSET)
+                _logging.unconfigure(h)
 
 
 class _Collect(logging.Handler):

@@ -153,8 +153,8 @@ def _log_overflow(native) -> None:
     if native.num_send_overflow == 0 and native.num_recv_overflow == 0:
         return
     what = "dropped (drop_overflow=True)" if native.drop_overflow else "combine will raise (drop_overflow=False)"
-    log.warning("EP dispatch overflow: %d rows did not fit capacity=%d to other ranks, %d rows from other ranks; %s",
-                native.num_send_overflow, native.capacity, native.num_recv_overflow, what)
+    log.warning("EP dispatch overflow: %d rows sent by this rank and %d rows bound for it did not fit capacity=%d; "
+                "%s", native.num_send_overflow, native.num_recv_overflow, native.capacity, what)
 
 
 class EPGroup:
@@ -242,13 +242,11 @@ class EPGroup:
             raise TypeError(f"topk_weights must be a floating-point tensor, got {v.dtype_name(topk_weights.dtype)}")
         num_experts = v.check_int("num_experts", num_experts, minimum=1)
         v.check_choice("mode", mode, ("exact", "capacity"))
-        if mode == "capacity":
-            if capacity is None:
-                raise ValueError("capacity must be given (rows per source/destination rank pair, >= 0) when "
-                                 "mode='capacity'")
+        if capacity is not None:
             capacity = v.check_int("capacity", capacity, minimum=0)
-        elif capacity is not None:
-            capacity = v.check_int("capacity", capacity, minimum=0)
+        elif mode == "capacity":
+            raise ValueError("capacity must be given (rows per source/destination rank pair, >= 0) when "
+                             "mode='capacity'")
         drop_overflow = v.check_bool("drop_overflow", drop_overflow)
         async_op = v.check_bool("async_op", async_op)
         if expert_to_rank is not None:

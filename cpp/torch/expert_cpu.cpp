@@ -19,6 +19,7 @@
 #include "cpp/core/gemm_nt.h"
 #include "cpp/core/gemm_panel.h"
 #include "cpp/torch/cpu_scratch.h"
+#include "cpp/torch/dtype_name.h"
 
 namespace epmoe::cpu {
 namespace {
@@ -51,7 +52,7 @@ bool native_available(at::ScalarType dtype) {
 Mode checked_mode(at::ScalarType dtype) {
     const Mode mode = read_mode();
     TORCH_CHECK(mode != Mode::kNative || native_available(dtype), "EPMOE_CPU_GEMM=native: this CPU has no native ",
-                dtype, " kernel (fp32 needs AVX-512, bf16 AVX512_BF16; fp16 has none)");
+                dtype_name(dtype), " kernel (fp32 needs AVX-512, bf16 AVX512_BF16; fp16 has none)");
     return mode;
 }
 

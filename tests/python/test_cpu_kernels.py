@@ -186,7 +186,7 @@ def test_fused_forward_opcheck_and_bad_input(monkeypatch):
     torch.library.opcheck(_ops.fused_experts_forward, (x, ids, weights, w13, w2, None))
     with pytest.raises(ValueError, match="w2 must have shape"):
         _ops.fused_experts_forward(x, ids, weights, w13, w2[:, :, :7].contiguous(), None)
-    with pytest.raises(TypeError, match="topk_weights must be Float"):
+    with pytest.raises(TypeError, match="topk_weights must be float32"):
         _ops.fused_experts_forward(x, ids, weights.double(), w13, w2, None)
     with pytest.raises(ValueError, match="topk_idx values must lie in"):
         _ops.fused_experts_forward(x, ids + 3, weights, w13, w2, None)

@@ -13,18 +13,18 @@ int64_t elem_bytes(DType dtype) { return dtype == DType::kFloat32 ? 4 : 2; }
 bool expert_kernels_supported(DType dtype) { return gemm_nt_supported(dtype); }
 
 int64_t expert_swiglu_scratch_bytes(DType dtype, int64_t num_rows, int64_t hidden, int64_t num_cols) {
-    if (num_rows >= kPanelMinRows) return panel_scratch_bytes(dtype, num_rows, hidden);
+    if (num_rows >= panel_min_rows(dtype)) return panel_scratch_bytes(dtype, num_rows, hidden);
     return num_rows * 2 * num_cols * 4;  // fp32 gate | up
 }
 
 int64_t expert_gemm_scratch_bytes(DType dtype, int64_t num_rows, int64_t depth, int64_t num_cols) {
-    if (num_rows >= kPanelMinRows) return panel_scratch_bytes(dtype, num_rows, depth);
+    if (num_rows >= panel_min_rows(dtype)) return panel_scratch_bytes(dtype, num_rows, depth);
     return num_rows * num_cols * 4;
 }
 
 void expert_swiglu(DType dtype, const void* const* a_rows, int64_t num_rows, int64_t hidden, const void* w13,
                    int64_t inter, int64_t col_begin, int64_t col_end, void* const* h_rows, void* scratch) {
-    if (num_rows >= kPanelMinRows) {
+    if (num_rows >= panel_min_rows(dtype)) {
         panel_swiglu(dtype, a_rows, num_rows, hidden, w13, inter, col_begin, col_end, h_rows, scratch);
         return;
     }
@@ -39,7 +39,7 @@ void expert_swiglu(DType dtype, const void* const* a_rows, int64_t num_rows, int
 
 void expert_gemm(DType dtype, const void* const* a_rows, int64_t num_rows, int64_t depth, const void* w,
                  int64_t col_begin, int64_t col_end, void* const* out_rows, void* scratch) {
-    if (num_rows >= kPanelMinRows) {
+    if (num_rows >= panel_min_rows(dtype)) {
         panel_gemm(dtype, a_rows, num_rows, depth, w, col_begin, col_end, out_rows, scratch);
         return;
     }

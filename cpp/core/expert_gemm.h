@@ -1,7 +1,9 @@
 // The two GEMMs of a SwiGLU expert on CPU rows given by pointers (torch-free): the panel kernels (gemm_panel.h)
-// for segments of >= kPanelMinRows rows, the NT kernels (gemm_nt.h, one pass over the weights, no padding) for the
-// few rows per expert of decode. Row pointers let callers gather token rows (the permute) and scatter results
-// without copies.
+// for segments of >= panel_min_rows(dtype) rows, the NT kernels (gemm_nt.h, one pass over the weights, no padding)
+// for the few rows per expert of decode. Both compute every output as the same fp32 FMA chain over K, so the
+// choice (a matter of speed only) never changes a result: a row's output does not depend on the other rows of its
+// segment (batch-invariant). Row pointers let callers gather token rows (the permute) and scatter results without
+// copies.
 #pragma once
 
 #include <cstdint>
@@ -10,7 +12,9 @@
 
 namespace epmoe::core {
 
-constexpr int64_t kPanelMinRows = 24;
+// Segments from this many rows use the panel kernels (measured crossover: fp32 ~12 rows; bf16 ~24, where the
+// transposed NT kernel keeps the dot-product units busier than half-empty panels).
+inline int64_t panel_min_rows(DType dtype) { return dtype == DType::kFloat32 ? 12 : 24; }
 
 // True when this CPU has the native kernels for `dtype` (fp32: AVX-512; bf16: AVX512_BF16).
 bool expert_kernels_supported(DType dtype);

@@ -8,183 +8,113 @@
 namespace epmoe::core {
 namespace {
 
-constexpr int kMr = 4;                 // rows of a per tile
-constexpr int kNr = 6;                 // rows of b per tile
-constexpr int64_t kKChunkBytes = 4096;  // K is processed in chunks of this many bytes per row (L1-resident b block)
+constexpr int kBlock = 16;  // b rows per block = 32-bit words of K per step (one 16 x 16 transpose)
+constexpr int kMr = 8;      // rows of a accumulated in registers at once
 
+typedef uint32_t u32_unaligned __attribute__((aligned(2), may_alias));
 
-// [sum(a), sum(b), sum(c), sum(d)] by a fixed tree: 128-bit blocks pairwise, then the 4 floats of a block.
-EPMOE_TARGET_AVX512 inline __m128 reduce4(__m512 a, __m512 b, __m512 c, __m512 d) {
-    const __m512 ab = _mm512_add_ps(_mm512_shuffle_f32x4(a, b, _MM_SHUFFLE(1, 0, 1, 0)),
-                                    _mm512_shuffle_f32x4(a, b, _MM_SHUFFLE(3, 2, 3, 2)));
-    const __m512 cd = _mm512_add_ps(_mm512_shuffle_f32x4(c, d, _MM_SHUFFLE(1, 0, 1, 0)),
-                                    _mm512_shuffle_f32x4(c, d, _MM_SHUFFLE(3, 2, 3, 2)));
-    // block j of abcd: 4 partial sums of input j
-    __m512 abcd = _mm512_add_ps(_mm512_shuffle_f32x4(ab, cd, _MM_SHUFFLE(2, 0, 2, 0)),
-                                _mm512_shuffle_f32x4(ab, cd, _MM_SHUFFLE(3, 1, 3, 1)));
-    abcd = _mm512_add_ps(abcd, _mm512_permute_ps(abcd, _MM_SHUFFLE(2, 3, 0, 1)));
-    abcd = _mm512_add_ps(abcd, _mm512_permute_ps(abcd, _MM_SHUFFLE(1, 0, 3, 2)));
-    const __m512i lanes = _mm512_setr_epi32(0, 4, 8, 12, 0, 0, 0, 0, 0, 0, 0, 0, 0, 0, 0, 0);
-    return _mm512_castps512_ps128(_mm512_permutexvar_ps(lanes, abcd));
-}
-
-// Reduces the MR x NR accumulators and writes (or adds) them to c.
-template <int MR, int NR>
-EPMOE_TARGET_AVX512 inline void finish_tile(const __m512 (&acc)[MR][NR], float* c, int64_t ldc, bool accumulate) {
-    constexpr int kCount = MR * NR, kPadded = (kCount + 3) / 4 * 4;
-    float sums[kPadded];
-    const __m512 zero = _mm512_setzero_ps();
-#pragma GCC unroll 8
-    for (int i = 0; i < kPadded; i += 4) {
-        const __m512 v0 = acc[i / NR][i % NR];
-        const __m512 v1 = i + 1 < kCount ? acc[(i + 1) / NR][(i + 1) % NR] : zero;
-        const __m512 v2 = i + 2 < kCount ? acc[(i + 2) / NR][(i + 2) % NR] : zero;
-        const __m512 v3 = i + 3 < kCount ? acc[(i + 3) / NR][(i + 3) % NR] : zero;
-        _mm_storeu_ps(sums + i, reduce4(v0, v1, v2, v3));
-    }
-#pragma GCC unroll 4
-    for (int m = 0; m < MR; ++m) {
-#pragma GCC unroll 6
-        for (int n = 0; n < NR; ++n) {
-            float* dst = c + m * ldc + n;
-            *dst = accumulate ? *dst + sums[m * NR + n] : sums[m * NR + n];
-        }
-    }
-}
-
-// fp32 tile: c[m][n] (+)= sum_{k < depth} a[m][k] * b[n * ldb + k]; lane l of an accumulator sums k = l mod 16.
-template <int MR, int NR>
-EPMOE_TARGET_AVX512 void tile_f32(const float* const* a_rows, int64_t k_begin, const float* b, int64_t ldb,
-                                  int64_t depth, float* c, int64_t ldc, bool accumulate, bool prefetch_next) {
-    __m512 acc[MR][NR];
-    const float* a[MR];
-    const float* bp[NR];
-#pragma GCC unroll 4
-    for (int m = 0; m < MR; ++m) a[m] = a_rows[m] + k_begin;
-#pragma GCC unroll 6
-    for (int n = 0; n < NR; ++n) bp[n] = b + n * ldb;
-#pragma GCC unroll 4
-    for (int m = 0; m < MR; ++m)
-#pragma GCC unroll 6
-        for (int n = 0; n < NR; ++n) acc[m][n] = _mm512_setzero_ps();
-    int64_t k = 0;
-    for (; k + 16 <= depth; k += 16) {
-        __m512 bv[NR];
-#pragma GCC unroll 6
-        for (int n = 0; n < NR; ++n) {
-            bv[n] = _mm512_loadu_ps(bp[n] + k);
-            if (prefetch_next) __builtin_prefetch(bp[n] + NR * ldb + k, 0, 3);
-        }
-#pragma GCC unroll 4
-        for (int m = 0; m < MR; ++m) {
-            const __m512 av = _mm512_loadu_ps(a[m] + k);
-#pragma GCC unroll 6
-            for (int n = 0; n < NR; ++n) acc[m][n] = _mm512_fmadd_ps(av, bv[n], acc[m][n]);
-        }
-    }
-    if (k < depth) {  // masked tail: absent lanes load as zero
-        const __mmask16 mask = static_cast<__mmask16>((1u << (depth - k)) - 1u);
-        __m512 bv[NR];
-#pragma GCC unroll 6
-        for (int n = 0; n < NR; ++n) bv[n] = _mm512_maskz_loadu_ps(mask, bp[n] + k);
-#pragma GCC unroll 4
-        for (int m = 0; m < MR; ++m) {
-            const __m512 av = _mm512_maskz_loadu_ps(mask, a[m] + k);
-#pragma GCC unroll 6
-            for (int n = 0; n < NR; ++n) acc[m][n] = _mm512_fmadd_ps(av, bv[n], acc[m][n]);
-        }
-    }
-    finish_tile<MR, NR>(acc, c, ldc, accumulate);
-}
-
-// bf16 tile: lane l of an accumulator sums the pairs k = 2l, 2l + 1 (mod 32), by vdpbf16ps.
-template <int MR, int NR>
-EPMOE_TARGET_AVX512_BF16 void tile_bf16(const uint16_t* const* a_rows, int64_t k_begin, const uint16_t* b,
-                                        int64_t ldb, int64_t depth, float* c, int64_t ldc, bool accumulate,
-                                        bool prefetch_next) {
-    __m512 acc[MR][NR];
-    const uint16_t* a[MR];
-    const uint16_t* bp[NR];
-#pragma GCC unroll 4
-    for (int m = 0; m < MR; ++m) a[m] = a_rows[m] + k_begin;
-#pragma GCC unroll 6
-    for (int n = 0; n < NR; ++n) bp[n] = b + n * ldb;
-#pragma GCC unroll 4
-    for (int m = 0; m < MR; ++m)
-#pragma GCC unroll 6
-        for (int n = 0; n < NR; ++n) acc[m][n] = _mm512_setzero_ps();
-    int64_t k = 0;
-    for (; k + 32 <= depth; k += 32) {
-        __m512bh bv[NR];
-#pragma GCC unroll 6
-        for (int n = 0; n < NR; ++n) {
-            bv[n] = (__m512bh)_mm512_loadu_si512(bp[n] + k);
-            if (prefetch_next) __builtin_prefetch(bp[n] + NR * ldb + k, 0, 3);
-        }
-#pragma GCC unroll 4
-        for (int m = 0; m < MR; ++m) {
-            const __m512bh av = (__m512bh)_mm512_loadu_si512(a[m] + k);
-#pragma GCC unroll 6
-            for (int n = 0; n < NR; ++n) acc[m][n] = _mm512_dpbf16_ps(acc[m][n], av, bv[n]);
-        }
-    }
-    if (k < depth) {
-        const __mmask32 mask = static_cast<__mmask32>((1ull << (depth - k)) - 1ull);
-        __m512bh bv[NR];
-#pragma GCC unroll 6
-        for (int n = 0; n < NR; ++n) bv[n] = (__m512bh)_mm512_maskz_loadu_epi16(mask, bp[n] + k);
-#pragma GCC unroll 4
-        for (int m = 0; m < MR; ++m) {
-            const __m512bh av = (__m512bh)_mm512_maskz_loadu_epi16(mask, a[m] + k);
-#pragma GCC unroll 6
-            for (int n = 0; n < NR; ++n) acc[m][n] = _mm512_dpbf16_ps(acc[m][n], av, bv[n]);
-        }
-    }
-    finish_tile<MR, NR>(acc, c, ldc, accumulate);
-}
-
+// Words (fp32 values or bf16 pairs) [w0, w0 + num_words) of row `row` into the low lanes, zeros above; the bf16 pair
+// past an odd depth is (last value, 0). Never reads past the row.
 template <typename T>
-using TileFn = void (*)(const T* const*, int64_t, const T*, int64_t, int64_t, float*, int64_t, bool, bool);
-
-template <typename T, int MR, int NR>
-constexpr TileFn<T> tile_fn() {
+EPMOE_TARGET_AVX512 inline __m512i load_words(const T* row, int64_t w0, int num_words, int64_t depth) {
     if constexpr (sizeof(T) == 4) {
-        return &tile_f32<MR, NR>;
+        return _mm512_castps_si512(_mm512_maskz_loadu_ps(static_cast<__mmask16>((1u << num_words) - 1u), row + w0));
     } else {
-        return &tile_bf16<MR, NR>;
+        const int64_t values = 2 * num_words - ((w0 + num_words) * 2 > depth ? 1 : 0);
+        return _mm512_maskz_loadu_epi16(static_cast<__mmask32>((1ull << values) - 1ull), row + 2 * w0);
     }
 }
 
-// kTiles<T>[mr - 1][nr - 1]: the tile of mr x nr (edge tiles included).
-template <typename T, int MR>
-constexpr TileFn<T> kRow[kNr] = {tile_fn<T, MR, 1>(), tile_fn<T, MR, 2>(), tile_fn<T, MR, 3>(),
-                                  tile_fn<T, MR, 4>(), tile_fn<T, MR, 5>(), tile_fn<T, MR, 6>()};
+// Word w of a row of a, broadcast (fp32 value, or bf16 pair with a zero high half past an odd depth).
 template <typename T>
-constexpr const TileFn<T>* kTiles[kMr] = {kRow<T, 1>, kRow<T, 2>, kRow<T, 3>, kRow<T, 4>};
-
-// NOTES: loop order K chunk -> b block -> a block: the kNr rows of b (one K chunk each) stay in L1 while every
-// row block of a passes; a chunk's partial sums are added to c in chunk order, so the sum order is fixed by K.
-// The first a block of each b block prefetches the next b block: in decode every b row is read once, straight
-// from memory, and the hardware prefetcher does not follow rows shorter than a page whose accesses interleave
-// (measured: bf16 K=1024 weights streamed at 60% of the fp32 rate without it).
-template <typename T>
-void gemm_nt_impl(const T* const* a_rows, int64_t num_rows, const T* b, int64_t ldb, int64_t num_cols,
-                  int64_t depth, float* c, int64_t ldc) {
-    constexpr int64_t kChunk = kKChunkBytes / static_cast<int64_t>(sizeof(T));
-    if (depth == 0) {
-        for (int64_t m = 0; m < num_rows; ++m)
-            for (int64_t n = 0; n < num_cols; ++n) c[m * ldc + n] = 0.0f;
-        return;
+EPMOE_TARGET_AVX512 inline __m512i broadcast_word(const T* row, int64_t w, int64_t depth) {
+    if constexpr (sizeof(T) == 4) {
+        return _mm512_castps_si512(_mm512_set1_ps(row[w]));
+    } else {
+        return 2 * w + 1 < depth ? _mm512_set1_epi32(static_cast<int>(*reinterpret_cast<const u32_unaligned*>(row + 2 * w)))
+                                 : _mm512_set1_epi32(static_cast<int>(row[2 * w]));
     }
-    for (int64_t k0 = 0; k0 < depth; k0 += kChunk) {
-        const int64_t kc = depth - k0 < kChunk ? depth - k0 : kChunk;
-        for (int64_t n0 = 0; n0 < num_cols; n0 += kNr) {
-            const int nr = static_cast<int>(num_cols - n0 < kNr ? num_cols - n0 : kNr);
-            for (int64_t m0 = 0; m0 < num_rows; m0 += kMr) {
-                const int mr = static_cast<int>(num_rows - m0 < kMr ? num_rows - m0 : kMr);
-                kTiles<T>[mr - 1][nr - 1](a_rows + m0, k0, b + n0 * ldb + k0, ldb, kc, c + m0 * ldc + n0, ldc,
-                                          k0 > 0, m0 == 0 && n0 + kNr < num_cols);
+}
+
+// acc += b_words (lanes = b rows) * a word (broadcast): an FMA (fp32) or a vdpbf16ps over the pair (bf16). The same
+// operation, operand for operand up to the order of the commuting product, as the panel kernels' inner step.
+EPMOE_TARGET_AVX512 inline __m512 step(__m512 acc, __m512i b_words, __m512i a_word, float) {
+    return _mm512_fmadd_ps(_mm512_castsi512_ps(b_words), _mm512_castsi512_ps(a_word), acc);
+}
+EPMOE_TARGET_AVX512_BF16 inline __m512 step(__m512 acc, __m512i b_words, __m512i a_word, uint16_t) {
+    return _mm512_dpbf16_ps(acc, (__m512bh)b_words, (__m512bh)a_word);
+}
+
+// c[m][n0 + i] = sum over K of a[m] . b[n0 + i] for MR rows of a and the <= 16 rows of one b block (lanes = b
+// rows): per 16 words of K the block's rows are loaded, transposed in registers, and every row of a accumulates
+// with one step per word. With `prefetch_next`, the next block's rows are prefetched at the same K offsets.
+// NOTES: both instantiations carry the bf16 ISA (one template); the fp32 one holds no bf16 instruction, and both run
+// only after cpu_features() checks.
+template <typename T, int MR>
+EPMOE_TARGET_AVX512_BF16 void rows_block(const T* const* a_rows, int64_t depth, const T* b, int64_t ldb, int num_b,
+                                         float* c, int64_t ldc, bool prefetch_next) {
+    const int64_t words = sizeof(T) == 4 ? depth : (depth + 1) / 2;
+    __m512 acc[MR];
+#pragma GCC unroll 8
+    for (int m = 0; m < MR; ++m) acc[m] = _mm512_setzero_ps();
+    for (int64_t w0 = 0; w0 < words; w0 += kBlock) {
+        const int nw = static_cast<int>(words - w0 < kBlock ? words - w0 : kBlock);
+        __m512i t[kBlock];
+#pragma GCC unroll 16
+        for (int i = 0; i < kBlock; ++i) {
+            const T* row = b + i * ldb;
+            t[i] = i < num_b ? load_words(row, w0, nw, depth) : _mm512_setzero_si512();
+            if (prefetch_next) __builtin_prefetch(row + kBlock * ldb + w0 * (4 / sizeof(T)), 0, 3);
+        }
+        transpose16(t);
+        if (nw == kBlock) {
+#pragma GCC unroll 16
+            for (int j = 0; j < kBlock; ++j) {
+#pragma GCC unroll 8
+                for (int m = 0; m < MR; ++m) acc[m] = step(acc[m], t[j], broadcast_word(a_rows[m], w0 + j, depth), T{});
             }
+        } else {
+            for (int j = 0; j < nw; ++j) {
+#pragma GCC unroll 8
+                for (int m = 0; m < MR; ++m) acc[m] = step(acc[m], t[j], broadcast_word(a_rows[m], w0 + j, depth), T{});
+            }
+        }
+    }
+    const __mmask16 col_mask = static_cast<__mmask16>((1u << num_b) - 1u);
+#pragma GCC unroll 8
+    for (int m = 0; m < MR; ++m) _mm512_mask_storeu_ps(c + m * ldc, col_mask, acc[m]);
+}
+
+// rows_block for 1 <= mr <= kMr rows.
+template <typename T>
+EPMOE_TARGET_AVX512 inline void rows_block_n(int mr, const T* const* a_rows, int64_t depth, const T* b, int64_t ldb,
+                                             int num_b, float* c, int64_t ldc, bool prefetch_next) {
+    switch (mr) {
+        case 1: return rows_block<T, 1>(a_rows, depth, b, ldb, num_b, c, ldc, prefetch_next);
+        case 2: return rows_block<T, 2>(a_rows, depth, b, ldb, num_b, c, ldc, prefetch_next);
+        case 3: return rows_block<T, 3>(a_rows, depth, b, ldb, num_b, c, ldc, prefetch_next);
+        case 4: return rows_block<T, 4>(a_rows, depth, b, ldb, num_b, c, ldc, prefetch_next);
+        case 5: return rows_block<T, 5>(a_rows, depth, b, ldb, num_b, c, ldc, prefetch_next);
+        case 6: return rows_block<T, 6>(a_rows, depth, b, ldb, num_b, c, ldc, prefetch_next);
+        case 7: return rows_block<T, 7>(a_rows, depth, b, ldb, num_b, c, ldc, prefetch_next);
+        default: return rows_block<T, kMr>(a_rows, depth, b, ldb, num_b, c, ldc, prefetch_next);
+    }
+}
+
+// NOTES: every output element is the FMA chain over K in ascending order from 0 (bf16: one vdpbf16ps per pair),
+// exactly as in the panel kernels, so a row's result does not depend on the kernel its segment size selects, on
+// the other rows of the call, or on how callers split rows and columns. Decode reads each b row once, straight from
+// memory, and the hardware prefetcher does not follow 16 interleaved rows shorter than a page: the first row group
+// of each block prefetches the next block.
+template <typename T>
+EPMOE_TARGET_AVX512 void gemm_nt_impl(const T* const* a_rows, int64_t num_rows, const T* b, int64_t ldb,
+                                      int64_t num_cols, int64_t depth, float* c, int64_t ldc) {
+    for (int64_t n0 = 0; n0 < num_cols; n0 += kBlock) {
+        const int nv = static_cast<int>(num_cols - n0 < kBlock ? num_cols - n0 : kBlock);
+        for (int64_t m0 = 0; m0 < num_rows; m0 += kMr) {
+            const int mr = static_cast<int>(num_rows - m0 < kMr ? num_rows - m0 : kMr);
+            rows_block_n<T>(mr, a_rows + m0, depth, b + n0 * ldb, ldb, nv, c + m0 * ldc + n0, ldc,
+                            m0 == 0 && n0 + kBlock < num_cols);
         }
     }
 }
@@ -214,6 +144,12 @@ void convert_row(const float* src, int64_t width, DType dtype, void* dst) {
     EPMOE_HOST_CHECK(false, "unknown dtype ", static_cast<int>(dtype));
 }
 
+// The bf16 instantiation needs AVX512_BF16 on top of the fp32 path's ISA.
+EPMOE_TARGET_AVX512_BF16 void gemm_nt_bf16(const uint16_t* const* a_rows, int64_t num_rows, const uint16_t* b,
+                                           int64_t ldb, int64_t num_cols, int64_t depth, float* c, int64_t ldc) {
+    gemm_nt_impl(a_rows, num_rows, b, ldb, num_cols, depth, c, ldc);
+}
+
 }  // namespace
 
 bool gemm_nt_supported(DType dtype) {
@@ -230,7 +166,7 @@ void gemm_nt(DType dtype, const void* const* a_rows, int64_t num_rows, const voi
         gemm_nt_impl(reinterpret_cast<const float* const*>(a_rows), num_rows, static_cast<const float*>(b), ldb,
                      num_cols, depth, c, ldc);
     } else {
-        gemm_nt_impl(reinterpret_cast<const uint16_t* const*>(a_rows), num_rows, static_cast<const uint16_t*>(b),
+        gemm_nt_bf16(reinterpret_cast<const uint16_t* const*>(a_rows), num_rows, static_cast<const uint16_t*>(b),
                      ldb, num_cols, depth, c, ldc);
     }
 }

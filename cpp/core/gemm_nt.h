@@ -4,11 +4,10 @@
 // fused into the loads.
 //
 // fp32 inputs use AVX-512 FMA; bf16 inputs use AVX512_BF16 dot products (vdpbf16ps: pairs of bf16 products summed
-// into fp32 lanes). Accumulation and the output are fp32. Tiles are 4 rows of `a` x 6 rows of `b` (24 zmm
-// accumulators): per 16 (fp32) or 32 (bf16) values of K the tile loads 10 vectors for 24 FMAs, and the 6 rows of b
-// stay in L1 while the rows of `a` stream from L2. Each output element is a fixed-order sum (16 lanes over K in
-// chunks of kKChunk, merged by a fixed tree), independent of the tiling, so results do not depend on how callers
-// split rows or columns across threads.
+// into fp32 lanes). Accumulation and the output are fp32. Every output element is the FMA chain over K in ascending
+// order (bf16: one vdpbf16ps step per pair), the order of the panel kernels (gemm_panel.h): blocks of 16 b rows are
+// transposed in registers so that lanes run over b rows, and each row of a is broadcast one word at a time. Meant
+// for the few rows of decode: each b row is read once.
 #pragma once
 
 #include <cstdint>

@@ -1,6 +1,7 @@
-"""CPU expert kernels: the native micro-kernels (AVX-512 fp32, AVX512_BF16 bf16: panel kernels for segments of >= 24
-rows, NT kernels for decode) and the at::mm backend, selected with EPMOE_CPU_GEMM, against the fp32 reference; the
-fused inference op against the differentiable composition; determinism across thread counts; the peak probe."""
+"""CPU expert kernels: the native micro-kernels (AVX-512 fp32, AVX512_BF16 bf16: panel kernels for large segments,
+NT kernels for decode, both computing every output as the same FMA chain) and the at::mm backend, selected with
+EPMOE_CPU_GEMM, against the fp32 reference; the fused inference op against the differentiable composition;
+batch invariance and determinism across thread counts; the peak probe."""
 
 import threading
 
@@ -136,6 +137,20 @@ def test_native_results_do_not_depend_on_the_thread_count(monkeypatch):
         assert torch.equal(results[dtype, 1], results[dtype, 2]) and torch.equal(results[dtype, 1], results[dtype, 3])
         again = _ops.fused_experts_forward(x, ids, weights, w13, w2, None)
         assert torch.equal(again, _ops.fused_experts_forward(x, ids, weights, w13, w2, None))
+
+
+@pytest.mark.parametrize("dtype", [torch.float32, torch.bfloat16])
+def test_native_rows_are_batch_invariant(dtype, monkeypatch):
+    """A token's output is the same bits whatever else is in the batch: alone (decode kernels) or among hundreds of
+    rows per expert (panel kernels) -- what makes EP outputs equal to one process's."""
+    use_backend("native", dtype, monkeypatch)
+    x, ids, weights, w13, w2 = make_problem(400, 2, 3, 48, 40, dtype, seed=21, skip_frac=0.0)
+    batch = _ops.fused_experts_forward(x, ids, weights, w13, w2, None)
+    for t in (0, 7, 399):
+        alone = _ops.fused_experts_forward(x[t:t + 1], ids[t:t + 1], weights[t:t + 1], w13, w2, None)
+        assert torch.equal(alone[0], batch[t]), t
+    few = _ops.fused_experts_forward(x[:20], ids[:20], weights[:20], w13, w2, None)  # 10-20 rows per expert
+    assert torch.equal(few, batch[:20])
 
 
 @pytest.mark.parametrize("num_tokens,bad_rows", [(80, (5, 40)), (9, (2, 7))])  # panel / NT kernels

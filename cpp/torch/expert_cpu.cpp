@@ -170,38 +170,47 @@ std::vector<int64_t> read_offsets(const at::Tensor& expert_offsets, int64_t num_
     return v;
 }
 
+namespace {
+
+// One item of each GEMM on its backend. a_rows / out_rows are indexed by it.row_begin + i.
+void swiglu_item(Mode mode, const Item& it, const void* const* a_rows, const at::Tensor& w13, void* const* h_rows) {
+    const at::ScalarType dtype = w13.scalar_type();
+    const int64_t m = it.row_end - it.row_begin, inter = w13.size(1) / 2, hidden = w13.size(2);
+    if (pick_backend(mode, dtype, m) == Backend::kAten) return aten_swiglu_item(it, a_rows, w13, h_rows);
+    const DType dt = core_dtype(dtype);
+    void* scratch = thread_scratch(core::expert_swiglu_scratch_bytes(dt, m, hidden, it.col_end - it.col_begin));
+    const char* w = static_cast<const char*>(w13.data_ptr()) + it.expert * w13.stride(0) * w13.element_size();
+    core::expert_swiglu(dt, a_rows + it.row_begin, m, hidden, w, inter, it.col_begin, it.col_end,
+                        h_rows + it.row_begin, scratch);
+}
+
+void gemm_item(Mode mode, const Item& it, const void* const* a_rows, const at::Tensor& w, void* const* out_rows) {
+    const at::ScalarType dtype = w.scalar_type();
+    const int64_t m = it.row_end - it.row_begin, depth = w.size(2);
+    if (pick_backend(mode, dtype, m) == Backend::kAten) return aten_gemm_item(it, a_rows, w, out_rows);
+    const DType dt = core_dtype(dtype);
+    void* scratch = thread_scratch(core::expert_gemm_scratch_bytes(dt, m, depth, it.col_end - it.col_begin));
+    const char* w_e = static_cast<const char*>(w.data_ptr()) + it.expert * w.stride(0) * w.element_size();
+    core::expert_gemm(dt, a_rows + it.row_begin, m, depth, w_e, it.col_begin, it.col_end, out_rows + it.row_begin,
+                      scratch);
+}
+
+}  // namespace
+
 void swiglu_segments(const std::vector<int64_t>& offsets, const void* const* a_rows, const at::Tensor& w13,
                      void* const* h_rows) {
-    const at::ScalarType dtype = w13.scalar_type();
-    const int64_t inter = w13.size(1) / 2, hidden = w13.size(2), elem = static_cast<int64_t>(w13.element_size());
-    const Mode mode = checked_mode(dtype);
-    const DType dt = core_dtype(dtype);
-    const char* w_ptr = static_cast<const char*>(w13.data_ptr());
-    const std::vector<Item> items = make_items(offsets, inter, max_item_rows(hidden, elem), kSwigluColAlign);
-    run_items(items, [&](const Item& it) {
-        const int64_t m = it.row_end - it.row_begin;
-        if (pick_backend(mode, dtype, m) == Backend::kAten) return aten_swiglu_item(it, a_rows, w13, h_rows);
-        void* scratch = thread_scratch(core::expert_swiglu_scratch_bytes(dt, m, hidden, it.col_end - it.col_begin));
-        core::expert_swiglu(dt, a_rows + it.row_begin, m, hidden, w_ptr + it.expert * 2 * inter * hidden * elem, inter,
-                            it.col_begin, it.col_end, h_rows + it.row_begin, scratch);
-    });
+    const Mode mode = checked_mode(w13.scalar_type());
+    const std::vector<Item> items =
+        make_items(offsets, w13.size(1) / 2, max_item_rows(w13.size(2), w13.element_size()), kSwigluColAlign);
+    run_items(items, [&](const Item& it) { swiglu_item(mode, it, a_rows, w13, h_rows); });
 }
 
 void gemm_segments(const std::vector<int64_t>& offsets, const void* const* a_rows, const at::Tensor& w,
                    void* const* out_rows) {
-    const at::ScalarType dtype = w.scalar_type();
-    const int64_t num_cols = w.size(1), depth = w.size(2), elem = static_cast<int64_t>(w.element_size());
-    const Mode mode = checked_mode(dtype);
-    const DType dt = core_dtype(dtype);
-    const char* w_ptr = static_cast<const char*>(w.data_ptr());
-    const std::vector<Item> items = make_items(offsets, num_cols, max_item_rows(depth, elem), kGemmColAlign);
-    run_items(items, [&](const Item& it) {
-        const int64_t m = it.row_end - it.row_begin;
-        if (pick_backend(mode, dtype, m) == Backend::kAten) return aten_gemm_item(it, a_rows, w, out_rows);
-        void* scratch = thread_scratch(core::expert_gemm_scratch_bytes(dt, m, depth, it.col_end - it.col_begin));
-        core::expert_gemm(dt, a_rows + it.row_begin, m, depth, w_ptr + it.expert * num_cols * depth * elem,
-                          it.col_begin, it.col_end, out_rows + it.row_begin, scratch);
-    });
+    const Mode mode = checked_mode(w.scalar_type());
+    const std::vector<Item> items =
+        make_items(offsets, w.size(1), max_item_rows(w.size(2), w.element_size()), kGemmColAlign);
+    run_items(items, [&](const Item& it) { gemm_item(mode, it, a_rows, w, out_rows); });
 }
 
 }  // namespace epmoe::cpu

@@ -1,19 +1,37 @@
 """Timing and ceilings shared by the CPU benchmarks (bench_experts, bench_layer, bench_route).
 
-- `interleaved`: wall-clock samples of several callables, alternating them within each round, so that machine load
-  hits them alike; ratios are taken per round and their median reported (`median_ratio`).
+- `interleaved`: samples of several callables, alternating them within each round, so that machine load hits them
+  alike; ratios are taken per round and their median reported (`median_ratio`). The clock is wall time, or with
+  `--timer cpu` the process's CPU time: meant with `--threads 1`, it counts only the time the benchmark ran, so a
+  busy machine (other processes on the cores) changes it little.
 - `cpu_ceilings`: the physical limits of the machine measured in the same run: the fp32 FMA and bf16 dot-product
   peak of the intra-op threads (`torch.ops.epmoe.cpu_peak_gflops`) and the read bandwidth `x.sum()` shows.
 """
 
 from __future__ import annotations
 
+import argparse
 import os
 import platform
 import statistics
 import time
 
 import torch
+
+_clock = time.perf_counter
+
+
+def add_timing_args(parser: argparse.ArgumentParser) -> None:
+    parser.add_argument("--threads", type=int, default=None, help="intra-op threads (default: torch's)")
+    parser.add_argument("--timer", choices=("wall", "cpu"), default="wall",
+                        help="wall time (default), or process CPU time (use with --threads 1 on a busy machine)")
+
+
+def apply_timing_args(args: argparse.Namespace) -> None:
+    global _clock
+    if args.threads is not None:
+        torch.set_num_threads(args.threads)
+    _clock = time.process_time if args.timer == "cpu" else time.perf_counter
 
 
 def interleaved(fns: dict, rounds: int, warmup: int = 1) -> dict[str, list[float]]:
@@ -24,9 +42,9 @@ def interleaved(fns: dict, rounds: int, warmup: int = 1) -> dict[str, list[float
     samples = {name: [] for name in fns}
     for _ in range(rounds):
         for name, fn in fns.items():
-            t0 = time.perf_counter()
+            t0 = _clock()
             fn()
-            samples[name].append(time.perf_counter() - t0)
+            samples[name].append(_clock() - t0)
     return samples
 
 
@@ -77,6 +95,7 @@ def cpu_description() -> dict:
         "model": model,
         "isa": isa,
         "threads": torch.get_num_threads(),
+        "timer": "cpu" if _clock is time.process_time else "wall",
         "cpu_gemm": os.environ.get("EPMOE_CPU_GEMM", "auto"),
     }
 

@@ -28,6 +28,8 @@ sys.path.insert(0, os.path.join(os.path.dirname(os.path.abspath(__file__)), ".."
 import epmoe  # noqa: E402
 import torch  # noqa: E402
 from bench_common import (  # noqa: E402
+    add_timing_args,
+    apply_timing_args,
     cpu_description,
     cpu_peaks,
     format_peaks,
@@ -101,14 +103,16 @@ def main() -> None:
         help="also time transformers' eager experts backward (15-40 s per step on 2 cores: indexing the 3-D weights "
         "per expert materialises a full-size weight gradient for every hit expert)",
     )
+    add_timing_args(parser)
     args = parser.parse_args()
+    apply_timing_args(args)
     epmoe_transformers.register()
     rounds = {False: 3 if args.quick else 7, True: 2 if args.quick else 5}  # by backward
     cpu = cpu_description()
     peaks = cpu_peaks()
     native_bf16_too = "amx_bf16" in cpu["isa"] and "avx512_bf16" in cpu["isa"] and cpu["cpu_gemm"] == "auto"
     print(f"CPU: {cpu['model']}, {cpu['threads']} threads, ISA {' '.join(cpu['isa'])}, "
-          f"EPMOE_CPU_GEMM={cpu['cpu_gemm']}")
+          f"EPMOE_CPU_GEMM={cpu['cpu_gemm']}, {cpu['timer']} time")
     print(f"ceilings: {format_peaks(peaks)}; read bandwidth measured per case on the same bytes")
     print(f"shape: E={NUM_EXPERTS}, H={HIDDEN}, I={INTER}, k={TOP_K}; ratio = fastest transformers impl / epmoe, "
           f"median of {rounds[False]} (fwd) / {rounds[True]} (fwd+bwd) interleaved rounds")

@@ -34,6 +34,8 @@ import torch  # noqa: E402
 import torch.distributed as dist  # noqa: E402
 import torch.multiprocessing as mp  # noqa: E402
 from bench_common import (  # noqa: E402
+    add_timing_args,
+    apply_timing_args,
     cpu_description,
     cpu_peaks,
     format_peaks,
@@ -148,7 +150,9 @@ def main() -> None:
     parser = argparse.ArgumentParser(description=__doc__.splitlines()[0])
     parser.add_argument("--quick", action="store_true", help="fewer rounds, no multi-rank runs")
     parser.add_argument("--out", help="write the results as JSON")
+    add_timing_args(parser)
     args = parser.parse_args()
+    apply_timing_args(args)
     from epmoe.layer import MoE
 
     rounds = 3 if args.quick else 7
@@ -156,7 +160,8 @@ def main() -> None:
     blocks = {impl: make_block(impl) for impl in IMPLEMENTATIONS}
     moe = MoE.from_hf(make_block())
     print(f"DeepSeek-V3-style layer: E={NUM_EXPERTS} (8 groups, 4 kept), top-{TOP_K}, 1 shared expert, H={HIDDEN}, "
-          f"I={INTER}, fp32; CPU {cpu['model']}, {cpu['threads']} threads; median of {rounds} interleaved rounds")
+          f"I={INTER}, fp32; CPU {cpu['model']}, {cpu['threads']} threads, {cpu['timer']} time; median of {rounds} "
+          "interleaved rounds")
     print(f"ceilings: {format_peaks(peaks)}; read bandwidth measured per case on the same bytes")
     print(f"{'T':>5} {'pass':8} " + " ".join(f"{'hf ' + i:>14}" for i in IMPLEMENTATIONS)
           + f" {'epmoe':>10} {'ratio':>6}  ceiling")

@@ -21,7 +21,14 @@ sys.path.insert(0, os.path.join(os.path.dirname(os.path.abspath(__file__)), ".."
 
 import epmoe  # noqa: E402
 import torch  # noqa: E402
-from bench_common import interleaved, median_ms, median_ratio, read_bandwidth  # noqa: E402
+from bench_common import (  # noqa: E402
+    add_timing_args,
+    apply_timing_args,
+    interleaved,
+    median_ms,
+    median_ratio,
+    read_bandwidth,
+)
 from epmoe import eplb  # noqa: E402
 
 SHAPES = {
@@ -173,14 +180,17 @@ def main():
     parser.add_argument("--quick", action="store_true", help="fewer repeats")
     parser.add_argument("--out", default=None, help="write the results as JSON")
     parser.add_argument("--gpu-only", action="store_true", help="skip the CPU section (GPU checks)")
+    add_timing_args(parser)
     args = parser.parse_args()
+    apply_timing_args(args)
     token_counts = (256, 4096, 32768)
     repeats = 5 if args.quick else 21
 
     report = dict(torch=torch.__version__, num_threads=torch.get_num_threads(), summary=[])
     report["cpu"] = [] if args.gpu_only else bench_cpu(token_counts, repeats)
     if report["cpu"]:
-        print(f"CPU ({torch.get_num_threads()} threads), median of {repeats} runs")
+        print(f"CPU ({torch.get_num_threads()} threads, {'cpu' if args.timer == 'cpu' else 'wall'} time), median of "
+              f"{repeats} interleaved rounds")
     print(f"{'shape':<12} {'tokens':>7} {'epmoe ms':>10} {'torch ms':>10} {'speedup':>8} {'target':>7} "
           f"{'logits GB/s':>12} {'read GB/s':>10}  baseline")
     all_met = True

@@ -227,8 +227,45 @@ inline void select_topk(const float* __restrict values, const int32_t* __restric
     }
 }
 
+// top2(a ∪ b) = (max(a1, b1), max(min(a1, b1), max(a2, b2))), lane by lane (scalars or GCC vectors).
+template <typename V>
+[[gnu::always_inline]] inline void merge_top2(V a1, V a2, V b1, V b2, V& first, V& second) {
+    const V lower = a1 < b1 ? a1 : b1;
+    const V second_max = a2 > b2 ? a2 : b2;
+    first = a1 > b1 ? a1 : b1;
+    second = lower > second_max ? lower : second_max;
+}
+
 // Largest and second largest of values[0, n) (a repeated maximum counts twice), lane-parallel then tree-merged.
+// max / min are exact, so the lane split changes no value (up to the sign of a zero, which no comparison sees).
 inline void top2(const float* __restrict values, int n, float& first, float& second) {
+    if (n % 16 == 0) {  // 16 lanes (one zmm, or two ymm): the DeepSeek group sizes
+        typedef float V16 __attribute__((vector_size(64)));
+        typedef float V8 __attribute__((vector_size(32)));
+        typedef float V4 __attribute__((vector_size(16)));
+        typedef float V2 __attribute__((vector_size(8)));
+        V16 f, sec = V16{} + kNegInf;
+        std::memcpy(&f, values, sizeof(V16));
+        for (int base = 16; base < n; base += 16) {
+            V16 v;
+            std::memcpy(&v, values + base, sizeof(V16));
+            const V16 lower = v < f ? v : f;
+            sec = lower > sec ? lower : sec;
+            f = v > f ? v : f;
+        }
+        V8 f8, s8;
+        merge_top2(__builtin_shufflevector(f, f, 0, 1, 2, 3, 4, 5, 6, 7), __builtin_shufflevector(sec, sec, 0, 1, 2, 3, 4, 5, 6, 7),
+                   __builtin_shufflevector(f, f, 8, 9, 10, 11, 12, 13, 14, 15),
+                   __builtin_shufflevector(sec, sec, 8, 9, 10, 11, 12, 13, 14, 15), f8, s8);
+        V4 f4, s4;
+        merge_top2(__builtin_shufflevector(f8, f8, 0, 1, 2, 3), __builtin_shufflevector(s8, s8, 0, 1, 2, 3),
+                   __builtin_shufflevector(f8, f8, 4, 5, 6, 7), __builtin_shufflevector(s8, s8, 4, 5, 6, 7), f4, s4);
+        V2 f2, s2;
+        merge_top2(__builtin_shufflevector(f4, f4, 0, 1), __builtin_shufflevector(s4, s4, 0, 1),
+                   __builtin_shufflevector(f4, f4, 2, 3), __builtin_shufflevector(s4, s4, 2, 3), f2, s2);
+        merge_top2(f2[0], s2[0], f2[1], s2[1], first, second);
+        return;
+    }
     constexpr int kNumTop2Lanes = 8;
     float lane_first[kNumTop2Lanes], lane_second[kNumTop2Lanes];
     for (int l = 0; l < kNumTop2Lanes; ++l)
@@ -248,15 +285,10 @@ inline void top2(const float* __restrict values, int n, float& first, float& sec
         lane_second[l] = lower > lane_second[l] ? lower : lane_second[l];
         lane_first[l] = v > lane_first[l] ? v : lane_first[l];
     }
-    // top2(a ∪ b) = (max(a1, b1), max(min(a1, b1), max(a2, b2)))
     for (int width = kNumTop2Lanes / 2; width > 0; width /= 2) {
         for (int l = 0; l < width; ++l) {
-            const float a1 = lane_first[l], b1 = lane_first[l + width];
-            const float a2 = lane_second[l], b2 = lane_second[l + width];
-            const float lower = a1 < b1 ? a1 : b1;
-            const float second_max = a2 > b2 ? a2 : b2;
-            lane_first[l] = a1 > b1 ? a1 : b1;
-            lane_second[l] = lower > second_max ? lower : second_max;
+            merge_top2(lane_first[l], lane_second[l], lane_first[l + width], lane_second[l + width], lane_first[l],
+                       lane_second[l]);
         }
     }
     first = lane_first[0];

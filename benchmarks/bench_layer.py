@@ -11,8 +11,8 @@ baseline, ratio = baseline / epmoe (> 1: epmoe faster), the median over interlea
   step's time being the slowest rank's (4 ranks oversubscribe a 2-core machine: a check of the path under
   contention more than of scaling).
 Ceilings measured in the same run: at T=2048 GFLOP/s (router, routed and shared GEMMs) against the fp32 FMA peak;
-at decode the bytes of weights the layer reads (hit experts, shared expert, router) / time against the read
-bandwidth x.sum() shows on the same number of bytes.
+at decode the bytes of weights the layer reads (hit experts, shared expert, router) / time against the memory read
+bandwidth x.sum() shows on a tensor larger than the last-level cache.
 
     python benchmarks/bench_layer.py [--quick] [--out f.json]
 """
@@ -162,7 +162,7 @@ def main() -> None:
     print(f"DeepSeek-V3-style layer: E={NUM_EXPERTS} (8 groups, 4 kept), top-{TOP_K}, 1 shared expert, H={HIDDEN}, "
           f"I={INTER}, fp32; CPU {cpu['model']}, {cpu['threads']} threads, {cpu['timer']} time; median of {rounds} "
           "interleaved rounds")
-    print(f"ceilings: {format_peaks(peaks)}; read bandwidth measured per case on the same bytes")
+    print(f"ceilings: {format_peaks(peaks)}; memory read bandwidth of x.sum() over 2x the last-level cache")
     print(f"{'T':>5} {'pass':8} " + " ".join(f"{'hf ' + i:>14}" for i in IMPLEMENTATIONS)
           + f" {'epmoe':>10} {'ratio':>6}  ceiling")
     rows, summary = [], []

@@ -3,7 +3,7 @@
 CPU: epmoe.route vs (a) the torch composition of transformers' DeepseekV3 router after its GEMM (sigmoid, bias,
 group top-2, group mask, top-k, gather, renormalize, scale) and (b) softmax + torch.topk + renormalize (Qwen3-MoE /
 Mixtral); the two alternate within each round and the speedup is the median over rounds of the per-round ratio.
-Ceiling: the logits read per second against the read bandwidth x.sum() shows on the same number of bytes.
+Ceiling: the logits read per second against the memory read bandwidth x.sum() shows (routing is compute-bound).
 GPU (when available): kernel time per call, from CUDA-graph replays.
 
 Usage: python benchmarks/bench_route.py [--quick] [--out file.json]

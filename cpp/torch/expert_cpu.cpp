@@ -124,8 +124,10 @@ std::vector<Item> make_items(const std::vector<int64_t>& off, int64_t num_cols, 
             row_items.push_back({static_cast<int64_t>(e), r, std::min(off[e + 1], r + tile), 0, num_cols});
     }
     if (row_items.empty() || num_cols == 0) return {};
-    const int64_t target = 4 * static_cast<int64_t>(at::get_num_threads());
+    // Decode items (a few rows: weight streaming) are cut finer, so that the last ones to finish are short.
     const int64_t num_row_items = static_cast<int64_t>(row_items.size());
+    const bool streaming = (off.back() - off.front()) < 32 * num_row_items;
+    const int64_t target = (streaming ? 16 : 4) * static_cast<int64_t>(at::get_num_threads());
     const int64_t max_splits = std::max<int64_t>(1, num_cols / (2 * col_align));
     const int64_t num_splits = std::clamp<int64_t>((target + num_row_items - 1) / num_row_items, 1, max_splits);
     int64_t chunk = (num_cols + num_splits - 1) / num_splits;
@@ -136,6 +138,10 @@ std::vector<Item> make_items(const std::vector<int64_t>& off, int64_t num_cols, 
         for (int64_t c = 0; c < num_cols; c += chunk)
             items.push_back({it.expert, it.row_begin, it.row_end, c, std::min(num_cols, c + chunk)});
     }
+    // Largest first (threads claim items in order), so that skewed segments do not finish last.
+    std::stable_sort(items.begin(), items.end(), [](const Item& a, const Item& b) {
+        return (a.row_end - a.row_begin) * (a.col_end - a.col_begin) > (b.row_end - b.row_begin) * (b.col_end - b.col_begin);
+    });
     return items;
 }
 

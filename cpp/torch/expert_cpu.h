@@ -27,8 +27,9 @@ struct Item {
 
 // Cuts every non-empty segment of `offsets` into balanced row tiles of <= max_rows rows (fixed by the segment size
 // alone, so results do not depend on the thread count), then splits the columns [0, num_cols) into chunks
-// (multiples of col_align) until there are a few items per thread, so that decode (one tile per expert) still
-// spreads over the cores.
+// (multiples of col_align) until there are a few items per thread (more when segments are a few rows: decode streams
+// weights, and short last items balance the cores), so that decode (one tile per expert) still spreads over the
+// cores. Largest items first.
 std::vector<Item> make_items(const std::vector<int64_t>& offsets, int64_t num_cols, int64_t max_rows,
                              int64_t col_align);
 

@@ -175,8 +175,8 @@ class MoE(nn.Module):
         # None = the current default device (honours `with torch.device(...)`), resolved once for every tensor.
         device = torch.empty(0, device=device).device
 
-        # Placement: host-side numpy, never on `device` (so meta construction works). Default: a plan for uniform
-        # load (replicas spread over ranks, identity when there is no redundancy).
+        # Placement: host-side numpy, never on `device` (so meta construction works). Default: the plan for uniform
+        # load (replicas spread over ranks).
         if placement is None:
             uniform = torch.ones(1, cfg.num_experts, dtype=torch.float64, device="cpu")
             placement = eplb.plan(uniform, cfg.num_slots, self.num_ranks)

@@ -12,7 +12,7 @@ import subprocess
 import sys
 from pathlib import Path
 
-SCRIPTS = ("bench_route", "bench_experts", "bench_dispatch", "bench_eplb", "bench_layer")
+SCRIPTS = ("bench_route", "bench_experts", "bench_dispatch", "bench_eplb", "bench_layer", "bench_scale")
 
 
 def _benchmarks_dir() -> Path:

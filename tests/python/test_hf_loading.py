@@ -25,7 +25,7 @@ from ep_harness import run_ranks
 transformers = pytest.importorskip("transformers")
 
 from epmoe import eplb  # noqa: E402
-from epmoe.integrations.transformers import from_pretrained, save_pretrained  # noqa: E402
+from epmoe.integrations.transformers import from_pretrained, save_pretrained, shard_model  # noqa: E402
 from epmoe.layer import MoE  # noqa: E402
 from test_transformers_experts import deepseek_v3_config, mixtral_config, qwen3_moe_config  # noqa: E402
 
@@ -186,10 +186,27 @@ def save_all(world: int, root: Path, out: Path) -> None:
         model = from_pretrained(str(folder), placement=eplb.plan(load, slots, world))
         assert max(int(m.placement.logcnt.max()) for m in moe_layers(model)) > 1
         save_pretrained(model, str(out / kind), max_shard_size="50KB")
+    # A whole model sharded in place saves the same way.
+    model = shard_model(random_model("mixtral"), num_redundant_experts="auto")
+    save_pretrained(model, str(out / "mixtral-shard_model"))
+
+
+def check_generate(rank: int, folder: Path) -> list:
+    """Greedy generation of the EP model equals plain transformers' (every rank runs the same number of steps:
+    each forward is collective)."""
+    ids = rank_ids(rank)
+    ref = transformers.AutoModelForCausalLM.from_pretrained(str(folder)).eval()
+    model = from_pretrained(str(folder), num_redundant_experts=2)
+    steps = dict(max_new_tokens=4, min_new_tokens=4, do_sample=False)
+    expected = ref.generate(ids, **steps)
+    got = model.generate(ids, **steps)
+    assert torch.equal(got, expected), (got, expected)
+    return got.tolist()
 
 
 def _ep2(rank, world, root, work):
     root, work = Path(root), Path(work)
+    check_generate(rank, root / "qwen3_moe-hub")
     loaded = load_everything(rank, world, root)
     installed = check_placements(rank, root / "deepseek_v3-hub", work / "plan.json", work / "sglang.json")
     save_all(world, root, work / "saved")
@@ -240,11 +257,17 @@ def test_save_pretrained_loads_in_transformers(checkpoints, ep2_run):
         ids = rank_ids(0)
         with torch.no_grad():
             torch.testing.assert_close(model(input_ids=ids).logits, original(input_ids=ids).logits, rtol=0, atol=0)
+    model, info = transformers.AutoModelForCausalLM.from_pretrained(str(out / "mixtral-shard_model"),
+                                                                    output_loading_info=True)
+    assert not info["missing_keys"] and not info["unexpected_keys"] and not info["mismatched_keys"], info
+    original = random_model("mixtral")
+    with torch.no_grad():
+        torch.testing.assert_close(model(input_ids=ids).logits, original(input_ids=ids).logits, rtol=0, atol=0)
 
 
 def _ep4(rank, world, root, saved):
     loaded = load_everything(rank, world, Path(root))
-    for kind in CONFIGS:  # the EP=2 saves, at EP=4
+    for kind in CONFIGS:  # the EP=2 saves of from_pretrained models, at EP=4
         folder = Path(saved) / kind
         model = from_pretrained(str(folder), num_redundant_experts="auto")
         check_matches(folder, model, rank, reference_folder=Path(root) / f"{kind}-hub")

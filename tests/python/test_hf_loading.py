@@ -279,13 +279,18 @@ def test_from_pretrained_matches_transformers_ep4_and_loads_ep2_saves(checkpoint
     assert set(counts.values()) == {2 * len(CONFIGS) + 1}
 
 
-def test_from_pretrained_single_process_logs_stats(checkpoints, caplog):
+def test_from_pretrained_single_process_logs_stats(checkpoints, caplog, monkeypatch):
     folder = checkpoints / "mixtral-fused"
     with caplog.at_level(logging.INFO, logger="epmoe.integrations.transformers"):
         model = from_pretrained(str(folder), num_redundant_experts=3)
     check_matches(folder, model, 0)
     assert "from_pretrained" in caplog.text and "GB of expert weights" in caplog.text
     assert moe_layers(model)[0].w13.shape[0] == 8  # one process holds every slot, replicas included
+    # Fused rows read in runs of consecutive experts; capped runs (here one expert each) read the same.
+    from epmoe.integrations import hf_load
+
+    monkeypatch.setattr(hf_load, "_MAX_READ", 1)
+    check_matches(folder, from_pretrained(str(folder), num_redundant_experts=3), 0)
 
 
 def test_imports_have_no_cycle():

@@ -112,6 +112,8 @@ def test_placement_for_another_model_or_ep_size(good, tmp_path):
         from_pretrained(str(good), placement=str(tmp_path / "six.json"))
     with pytest.raises(ValueError, match="placement.num_ranks is 2, expected 1"):
         from_pretrained(str(good), placement=eplb.plan(torch.ones(1, 8), 8, 2))
+    with pytest.raises(ValueError, match="placement.num_experts is 6, expected 8"):
+        from_pretrained(str(good), placement=six)
     with pytest.raises(ValueError, match="placement has 3 layers; the model has 1 MoE layers \\(2 decoder layers\\)"):
         from_pretrained(str(good), placement=eplb.plan(torch.ones(3, 8), 8, 1))
     with pytest.raises(ValueError, match="num_redundant_experts=1, but the placement has 10 slots"):

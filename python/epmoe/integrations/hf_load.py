@@ -38,6 +38,7 @@ logger = logging.getLogger("epmoe.integrations.transformers")
 
 _MOE_LIKE = re.compile(r"(MoE|Moe|MoeBlock|SparseMoeBlock)$")
 _LAYER_INDEX = re.compile(r"\.layers\.(\d+)\.")
+_MAX_READ = 1 << 30  # bytes of fused expert rows read at once
 
 
 def _ep_group(process_group):
@@ -313,10 +314,12 @@ def _read_experts(plan: _ExpertPlan, files: CheckpointFiles) -> int:
     experts = sorted(plan.slots_of)
     if plan.fused_prefix is not None:
         gate_up_name, down_name = plan.names.fused(plan.fused_prefix)
-        # Runs of consecutive experts: one row-range read per run and tensor.
+        # Runs of consecutive experts, one row-range read per run and tensor; a run touches about _MAX_READ bytes
+        # of the mapping at most.
+        longest = max(1, _MAX_READ // (moe.w13[0].nbytes + moe.w2[0].nbytes))
         runs, start = [], 0
         for i in range(1, len(experts) + 1):
-            if i == len(experts) or experts[i] != experts[i - 1] + 1:
+            if i == len(experts) or experts[i] != experts[i - 1] + 1 or i - start == longest:
                 runs.append((experts[start], experts[i - 1] + 1))
                 start = i
         for lo, hi in runs:
@@ -405,6 +408,11 @@ def from_pretrained(path, process_group: dist.ProcessGroup | None = None, *, num
         layout = load_placement(placement, num_experts, world)
         rows = None
         if layout is not None:
+            for field, got, expected in (("num_experts", layout.num_experts, num_experts),
+                                         ("num_ranks", layout.num_ranks, world)):
+                if got != expected:
+                    raise ValueError(f"placement.{field} is {got}, expected {expected} (the model's experts per "
+                                     f"layer and the EP size are {num_experts} and {world})")
             rows = _layer_rows(layout, blocks, getattr(model.config, "num_hidden_layers", None))
             from_plan = layout.num_slots - num_experts
             if num_redundant_experts not in (0, from_plan):

@@ -170,8 +170,9 @@ def save_pretrained(model: nn.Module, path, *, max_shard_size: int | str = "5GB"
             for old in folder.iterdir():  # shards of an earlier save would shadow or mix with these
                 if _STALE.match(old.name):
                     old.unlink()
-            config = model.config
+            config = model.config  # as transformers' save_pretrained records them
             config.architectures = [type(model).__name__]
+            config.dtype = str(model.dtype).removeprefix("torch.")
             config.save_pretrained(str(folder))
             if model.can_generate() and getattr(model, "generation_config", None) is not None:
                 model.generation_config.save_pretrained(str(folder))

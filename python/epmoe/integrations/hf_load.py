@@ -39,6 +39,7 @@ logger = logging.getLogger("epmoe.integrations.transformers")
 _MOE_LIKE = re.compile(r"(MoE|Moe|MoeBlock|SparseMoeBlock)$")
 _LAYER_INDEX = re.compile(r"\.layers\.(\d+)\.")
 _MAX_READ = 1 << 30  # bytes of fused expert rows read at once
+_ERROR_TYPES = {t.__name__: t for t in (ValueError, TypeError, KeyError, NotImplementedError, FileNotFoundError)}
 
 
 def _ep_group(process_group):
@@ -63,9 +64,7 @@ def raise_on_every_rank(error: BaseException | None, group, what: str) -> None:
             continue
         if error is not None and rank == dist.get_rank(group):
             raise error
-        kind = {"ValueError": ValueError, "TypeError": TypeError, "KeyError": KeyError,
-                "NotImplementedError": NotImplementedError, "FileNotFoundError": FileNotFoundError}
-        raise kind.get(report[0], RuntimeError)(f"{what} failed on EP rank {rank}: {report[1]}")
+        raise _ERROR_TYPES.get(report[0], RuntimeError)(f"{what} failed on EP rank {rank}: {report[1]}")
 
 
 def find_moe_blocks(model: nn.Module) -> list[tuple[str, nn.Module]]:
@@ -136,8 +135,8 @@ class _ExpertPlan:
     moe: MoE
     names: HubBlockNames
     replicated: list[tuple[str, str]]  # (attribute path in the MoE, checkpoint name)
-    fused_prefix: str | None = None  # the fused layout's block prefix, or None for the per-expert layout
-    prefix: str = ""
+    prefix: str = ""  # the block prefix the checkpoint's expert tensors use
+    fused: bool = False  # fused 3-D layout, else per expert
     slots_of: dict[int, list[int]] = field(default_factory=dict)  # distinct local expert -> its local slots
 
 
@@ -254,7 +253,7 @@ def _plan_experts(name: str, block_type: str, moe: MoE, files: CheckpointFiles) 
             continue
         found = _first_present(files, [f"{prefix}.{suffix}" for prefix in names.prefixes])
         if found is None:
-            raise ValueError(f"checkpoint lacks the tensor {names.hub_prefix}.{suffix!r}")
+            raise ValueError(f"checkpoint lacks the tensor {names.hub_prefix + '.' + suffix!r}")
         _check_shape(files, found, tuple(tensor_at(moe, attr).shape))
         replicated.append((attr, found))
     plan = _ExpertPlan(moe, names, replicated)
@@ -265,7 +264,7 @@ def _plan_experts(name: str, block_type: str, moe: MoE, files: CheckpointFiles) 
         if gate_up in files and down in files:
             _check_shape(files, gate_up, (num_experts, 2 * inter, hidden))
             _check_shape(files, down, (num_experts, hidden, inter))
-            plan.fused_prefix = plan.prefix = prefix
+            plan.prefix, plan.fused = prefix, True
             return plan
     prefix = next((p for p in names.prefixes if names.per_expert(p, 0)[0] in files), None)
     if prefix is None:
@@ -286,8 +285,8 @@ def _plan_experts(name: str, block_type: str, moe: MoE, files: CheckpointFiles) 
 
 def _expert_bytes_total(plan: _ExpertPlan, files: CheckpointFiles) -> int:
     cfg = plan.moe.config
-    if plan.fused_prefix is not None:
-        return sum(files.info(n).nbytes for n in plan.names.fused(plan.fused_prefix))
+    if plan.fused:
+        return sum(files.info(n).nbytes for n in plan.names.fused(plan.prefix))
     gate, _, _ = plan.names.per_expert(plan.prefix, next(iter(plan.slots_of)))
     per_expert = 3 * cfg.moe_intermediate_size * cfg.hidden_size * files.info(gate).dtype.itemsize
     return per_expert * cfg.num_experts
@@ -312,8 +311,8 @@ def _read_experts(plan: _ExpertPlan, files: CheckpointFiles) -> int:
             moe.w2[slot].copy_(moe.w2[first])
 
     experts = sorted(plan.slots_of)
-    if plan.fused_prefix is not None:
-        gate_up_name, down_name = plan.names.fused(plan.fused_prefix)
+    if plan.fused:
+        gate_up_name, down_name = plan.names.fused(plan.prefix)
         # Runs of consecutive experts, one row-range read per run and tensor; a run touches about _MAX_READ bytes
         # of the mapping at most.
         longest = max(1, _MAX_READ // (moe.w13[0].nbytes + moe.w2[0].nbytes))
@@ -370,6 +369,44 @@ def _materialize(model, targets, recompute, plans, files, device) -> tuple[int, 
     return expert_bytes, other_bytes
 
 
+def _layer_placements(model, blocks, num_experts: int, world: int, num_redundant_experts, placement):
+    """(num_redundant_experts, [1-layer Placement or None per block]) from the arguments of from_pretrained."""
+    layout = load_placement(placement, num_experts, world)
+    if layout is None:
+        if num_redundant_experts == "auto":
+            num_redundant_experts = eplb.num_redundant_auto(num_experts, world)
+        return num_redundant_experts, [None] * len(blocks)
+    for attr, got, expected in (("num_experts", layout.num_experts, num_experts), ("num_ranks", layout.num_ranks,
+                                                                                    world)):
+        if got != expected:
+            raise ValueError(f"placement.{attr} is {got}, expected {expected} (the model's experts per layer and "
+                             f"the EP size are {num_experts} and {world})")
+    rows = _layer_rows(layout, blocks, getattr(model.config, "num_hidden_layers", None))
+    from_plan = layout.num_slots - num_experts
+    if num_redundant_experts not in (0, from_plan):
+        raise ValueError(f"num_redundant_experts={num_redundant_experts!r}, but the placement has "
+                         f"{layout.num_slots} slots for {num_experts} experts ({from_plan} redundant)")
+    return from_plan, [eplb.Placement(layout.phy2log[r : r + 1], num_experts, world) for r in rows]
+
+
+def _replace_blocks(model, files, group, world: int, num_redundant_experts, placement) -> list[_ExpertPlan]:
+    """Replaces every MoE block of the meta skeleton by an `epmoe.MoE` on meta; returns their read plans."""
+    blocks = find_moe_blocks(model)
+    num_experts = int(blocks[0][1].experts.gate_up_proj.shape[0])
+    num_redundant_experts, layer_plans = _layer_placements(model, blocks, num_experts, world,
+                                                           num_redundant_experts, placement)
+    plans = []
+    for layer_idx, ((name, block), layer_plan) in enumerate(zip(blocks, layer_plans, strict=True)):
+        _check_block(name, block)
+        config = moe_config_from_hf(block, num_redundant_experts=num_redundant_experts)
+        moe = MoE(config, group, layer_idx=layer_idx, device="meta", placement=layer_plan)
+        remember_hf_block(moe, block)
+        parent_name, _, attr = name.rpartition(".")
+        setattr(model.get_submodule(parent_name) if parent_name else model, attr, moe)
+        plans.append(_plan_experts(name, type(block).__name__, moe, files))
+    return plans
+
+
 def from_pretrained(path, process_group: dist.ProcessGroup | None = None, *, num_redundant_experts: int | str = 0,
                     placement=None, torch_dtype=None, **model_kwargs) -> nn.Module:
     """Loads a transformers MoE checkpoint expert-parallel (collective over `process_group`, default WORLD).
@@ -399,43 +436,12 @@ def from_pretrained(path, process_group: dist.ProcessGroup | None = None, *, num
     """
     start = time.perf_counter()
     group, rank, world = _ep_group(process_group)
-    files, plans, error = None, [], None
+    files, error = None, None
     try:
         files = CheckpointFiles(path)
         model, device = _build_skeleton(files, torch_dtype, model_kwargs)
-        blocks = find_moe_blocks(model)
-        num_experts = int(blocks[0][1].experts.gate_up_proj.shape[0])
-        layout = load_placement(placement, num_experts, world)
-        rows = None
-        if layout is not None:
-            for field, got, expected in (("num_experts", layout.num_experts, num_experts),
-                                         ("num_ranks", layout.num_ranks, world)):
-                if got != expected:
-                    raise ValueError(f"placement.{field} is {got}, expected {expected} (the model's experts per "
-                                     f"layer and the EP size are {num_experts} and {world})")
-            rows = _layer_rows(layout, blocks, getattr(model.config, "num_hidden_layers", None))
-            from_plan = layout.num_slots - num_experts
-            if num_redundant_experts not in (0, from_plan):
-                raise ValueError(f"num_redundant_experts={num_redundant_experts!r}, but the placement has "
-                                 f"{layout.num_slots} slots for {num_experts} experts ({from_plan} redundant)")
-            num_redundant_experts = from_plan
-        elif num_redundant_experts == "auto":
-            num_redundant_experts = eplb.num_redundant_auto(num_experts, world)
-        moe_ids = set()
-        for layer_idx, (name, block) in enumerate(blocks):
-            _check_block(name, block)
-            config = moe_config_from_hf(block, num_redundant_experts=num_redundant_experts)
-            layer_plan = None
-            if layout is not None:
-                row = rows[layer_idx]
-                layer_plan = eplb.Placement(layout.phy2log[row : row + 1], layout.num_experts, layout.num_ranks)
-            moe = MoE(config, group, layer_idx=layer_idx, device="meta", placement=layer_plan)
-            remember_hf_block(moe, block)
-            parent_name, _, attr = name.rpartition(".")
-            setattr(model.get_submodule(parent_name) if parent_name else model, attr, moe)
-            moe_ids.update(id(m) for m in moe.modules())
-            plans.append(_plan_experts(name, type(block).__name__, moe, files))
-        targets, recompute = _plan_model_tensors(model, files, moe_ids)
+        plans = _replace_blocks(model, files, group, world, num_redundant_experts, placement)
+        targets, recompute = _plan_model_tensors(model, files, {id(m) for p in plans for m in p.moe.modules()})
     except Exception as exc:  # noqa: BLE001 - every rank must learn of any rank's failure, whatever it is
         error = exc
     raise_on_every_rank(error, group, "from_pretrained")

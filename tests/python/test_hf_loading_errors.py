@@ -1,5 +1,6 @@
-"""Bad input to `from_pretrained`: a clear error naming the file, tensor or field, raised on every rank (also when
-only one rank can see the problem) before any weight is allocated; nothing half-loaded is returned."""
+"""Bad input to `from_pretrained` (and `save_pretrained`): a clear error naming the file, tensor or field, raised on
+every rank (also when only one rank can see the problem) before any weight is allocated; nothing half-loaded is
+returned."""
 
 from __future__ import annotations
 
@@ -158,3 +159,21 @@ def test_errors_raise_on_every_rank(tmp_path, good):
             assert got is not None, f"rank {rank} returned a model"
             assert got[0] == "ValueError" and expected in got[1], (rank, got)
     assert "failed on EP rank 1" in results[0][1][1]  # rank 0 never read that header: it learnt it from rank 1
+
+
+def test_save_pretrained_bad_input(good, tmp_path):
+    from epmoe.integrations.transformers import save_pretrained
+    from epmoe.layer import MoE, MoEConfig
+
+    with pytest.raises(ValueError, match="has no epmoe.MoE layer"):
+        save_pretrained(torch.nn.Linear(2, 2), str(tmp_path / "out"))
+    layer = torch.nn.Sequential(MoE(MoEConfig(hidden_size=8, moe_intermediate_size=4, num_experts=2, top_k=1)))
+    with pytest.raises(ValueError, match="was not built from a transformers block"):
+        save_pretrained(layer, str(tmp_path / "out"))
+    model = from_pretrained(str(good))
+    with pytest.raises(ValueError, match="max_shard_size"):
+        save_pretrained(model, str(tmp_path / "out"), max_shard_size="lots")
+    (tmp_path / "file").write_text("")
+    with pytest.raises(ValueError, match="is not a directory"):
+        save_pretrained(model, str(tmp_path / "file"))
+    assert not (tmp_path / "out").exists()  # nothing written on bad input

@@ -196,14 +196,18 @@ def save_pretrained(model: nn.Module, path, *, max_shard_size: int | str = "5GB"
     raise_on_every_rank(error, group, "save_pretrained")
 
     maps = _all_gather((weight_map, total_size), group)
-    if rank == 0 and total > 1:
-        merged: dict[str, str] = {}
-        for part, _ in maps:
-            merged.update(part)
-        index = {"metadata": {"total_size": sum(size for _, size in maps)}, "weight_map": dict(sorted(merged.items()))}
-        (folder / INDEX_NAME).write_text(json.dumps(index, indent=2) + "\n")
-    if group is not None:
-        dist.barrier(group=group)  # the index is written when any rank returns
+    error = None
+    try:
+        if rank == 0 and total > 1:
+            merged: dict[str, str] = {}
+            for part, _ in maps:
+                merged.update(part)
+            index = {"metadata": {"total_size": sum(size for _, size in maps)},
+                     "weight_map": dict(sorted(merged.items()))}
+            (folder / INDEX_NAME).write_text(json.dumps(index, indent=2) + "\n")
+    except Exception as exc:  # noqa: BLE001
+        error = exc
+    raise_on_every_rank(error, group, "save_pretrained")  # the index is written when any rank returns
 
 
 def _group_of(model: nn.Module):

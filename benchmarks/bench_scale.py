@@ -5,7 +5,8 @@ answers the constructor's one collective, the seed broadcast, locally):
 - DeepSeek-V3 layer: E=256 (+64 redundant = 320 slots), H=7168, I=2048, top-8 of 8 groups, 1 shared expert, EP64
   (5 slots per rank);
 - Qwen3-235B-A22B layer: E=128, H=4096, I=1536, top-8, no shared expert, EP8 (16 slots per rank).
-Peak RSS = `ru_maxrss` after building minus `ru_maxrss` after the imports and the process group (same process);
+Peak RSS = `ru_maxrss` after building minus the resident set after the imports and the process group (same
+process; the resident set rather than the peak so far, so that import-time transients cannot hide part of it);
 own bytes = the bytes of every parameter and buffer the rank holds. Targets: peak - own <= 1.5 GB, build < 30 s.
 Also timed: the same build on the meta device (no memory, no RNG, no collective).
 
@@ -31,6 +32,17 @@ PEAK_TARGET_GB = 1.5
 TIME_TARGET_S = 30.0
 
 
+def _resident_bytes() -> int:
+    """Current resident set size (Linux /proc; elsewhere the peak so far, ru_maxrss)."""
+    import resource
+
+    try:
+        with open("/proc/self/statm") as f:
+            return int(f.read().split()[1]) * os.sysconf("SC_PAGE_SIZE")
+    except OSError:
+        return resource.getrusage(resource.RUSAGE_SELF).ru_maxrss * 1024
+
+
 def build_case(name: str) -> dict:
     """Runs in a fresh process: builds rank 0's layer of case `name`, returns the measurements."""
     import resource
@@ -49,18 +61,19 @@ def build_case(name: str) -> dict:
     meta = epmoe.MoE(cfg, device="meta")
     meta_s = time.perf_counter() - start
     del meta
-    baseline_kb = resource.getrusage(resource.RUSAGE_SELF).ru_maxrss
+    # Baseline: the resident set now (not the peak so far, which import-time transients may have raised).
+    baseline = _resident_bytes()
     start = time.perf_counter()
     moe = epmoe.MoE(cfg)
     build_s = time.perf_counter() - start
-    peak_kb = resource.getrusage(resource.RUSAGE_SELF).ru_maxrss
+    peak = resource.getrusage(resource.RUSAGE_SELF).ru_maxrss * 1024
     own = sum(t.numel() * t.element_size() for t in [*moe.parameters(), *moe.buffers()])
     full = cfg.num_experts * 3 * cfg.hidden_size * cfg.moe_intermediate_size * 2
     dist.destroy_process_group()
     return {
         "case": name, "num_ranks": num_ranks, "num_local_slots": moe.num_local_slots,
         "own_bytes": own, "all_experts_bytes": full,
-        "peak_rss_over_baseline_bytes": (peak_kb - baseline_kb) * 1024,
+        "peak_rss_over_baseline_bytes": peak - baseline,
         "build_s": build_s, "meta_build_s": meta_s,
     }
 

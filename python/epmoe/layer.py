@@ -124,12 +124,15 @@ class _SharedExperts(nn.Module):
     """Dense SwiGLU MLP (HF layout: gate_proj, up_proj, down_proj without bias), replicated on every rank. The
     weights are allocated uninitialised (`MoE.reset_parameters` draws them): nn.Linear's own init is skipped."""
 
-    def __init__(self, hidden_size: int, intermediate_size: int, dtype: torch.dtype, device=None):
+    def __init__(self, hidden_size: int, intermediate_size: int, dtype: torch.dtype, device: torch.device):
         super().__init__()
-        kwargs = dict(bias=False, dtype=dtype, device=device)
-        self.gate_proj = nn.utils.skip_init(nn.Linear, hidden_size, intermediate_size, **kwargs)
-        self.up_proj = nn.utils.skip_init(nn.Linear, hidden_size, intermediate_size, **kwargs)
-        self.down_proj = nn.utils.skip_init(nn.Linear, intermediate_size, hidden_size, **kwargs)
+        # Built on meta (nn.Linear's init there costs nothing and draws nothing), then allocated on `device`.
+        kwargs = dict(bias=False, dtype=dtype, device="meta")
+        self.gate_proj = nn.Linear(hidden_size, intermediate_size, **kwargs)
+        self.up_proj = nn.Linear(hidden_size, intermediate_size, **kwargs)
+        self.down_proj = nn.Linear(intermediate_size, hidden_size, **kwargs)
+        if device.type != "meta":
+            self.to_empty(device=device)
 
     def forward(self, x: torch.Tensor) -> torch.Tensor:
         return self.down_proj(F.silu(self.gate_proj(x)) * self.up_proj(x))

@@ -3,6 +3,7 @@
 from __future__ import annotations
 
 import os
+import pickle
 import socket
 import traceback
 
@@ -31,7 +32,9 @@ def _worker(rank, world_size, port, fn, args, queue, pg_timeout):
             timeout=datetime.timedelta(seconds=pg_timeout),
         )
         result = fn(rank, world_size, *args)
-        queue.put((rank, "ok", result))
+        # Plain pickle copies tensor data into the message: torch's queue pickler would pass shared-memory fds,
+        # which the parent cannot open once this process has exited.
+        queue.put((rank, "ok", pickle.dumps(result)))
     except BaseException:  # noqa: BLE001 - any failure of a worker fails the test
         queue.put((rank, "error", traceback.format_exc()))
     finally:
@@ -64,7 +67,7 @@ def run_ranks(fn, world_size: int, *args, timeout: float = 90.0, pg_timeout: flo
         except queue_mod.Empty:
             break
         if status == "ok":
-            results[rank] = payload
+            results[rank] = pickle.loads(payload)
         else:
             errors.append(f"rank {rank}:\n{payload}")
     for p in procs:

@@ -5,7 +5,8 @@ transformers' own `save_pretrained`: its default per-expert hub layout (sharded,
 layout (`save_original_format=False`), plus a per-expert checkpoint written here by renaming the fused tensors the
 way hub checkpoints name them. Loaded on 2 and 4 ranks with and without redundant experts, the EP model's logits
 equal the plain transformers model's and each rank reads only its distinct experts' bytes; a saved EP model loads
-in plain transformers with no missing or unexpected keys and the same logits, and in epmoe at another EP size.
+in plain transformers with no missing or unexpected keys and the same logits, and in epmoe at another EP size; a
+whole model's `state_dict()` goes through torch.distributed.checkpoint from EP=2 to EP=4.
 """
 
 from __future__ import annotations
@@ -20,6 +21,7 @@ from pathlib import Path
 
 import pytest
 import torch
+import torch.distributed.checkpoint as dcp
 from ep_harness import run_ranks
 
 transformers = pytest.importorskip("transformers")
@@ -210,6 +212,8 @@ def _ep2(rank, world, root, work):
     loaded = load_everything(rank, world, root)
     installed = check_placements(rank, root / "deepseek_v3-hub", work / "plan.json", work / "sglang.json")
     save_all(world, root, work / "saved")
+    model = from_pretrained(str(root / "deepseek_v3-hub"), num_redundant_experts=2)
+    dcp.save(model.state_dict(), checkpoint_id=str(work / "dcp"))  # loaded at EP=4 by _ep4
     return {"loaded": loaded, "placements": installed}
 
 
@@ -265,17 +269,28 @@ def test_save_pretrained_loads_in_transformers(checkpoints, ep2_run):
         torch.testing.assert_close(model(input_ids=ids).logits, original(input_ids=ids).logits, rtol=0, atol=0)
 
 
-def _ep4(rank, world, root, saved):
-    loaded = load_everything(rank, world, Path(root))
+def _ep4(rank, world, root, work):
+    root, work = Path(root), Path(work)
+    loaded = load_everything(rank, world, root)
     for kind in CONFIGS:  # the EP=2 saves of from_pretrained models, at EP=4
-        folder = Path(saved) / kind
+        folder = work / "saved" / kind
         model = from_pretrained(str(folder), num_redundant_experts="auto")
-        check_matches(folder, model, rank, reference_folder=Path(root) / f"{kind}-hub")
+        check_matches(folder, model, rank, reference_folder=root / f"{kind}-hub")
+    # The EP=2 distributed checkpoint of a whole model, into zeroed weights at EP=4 with another redundancy.
+    folder = root / "deepseek_v3-hub"
+    model = from_pretrained(str(folder), num_redundant_experts=4)
+    with torch.no_grad():
+        for tensor in [*model.parameters(), *(m.e_score_correction_bias for m in moe_layers(model))]:
+            tensor.zero_()
+    state = model.state_dict()
+    dcp.load(state, checkpoint_id=str(work / "dcp"))
+    model.load_state_dict(state)
+    check_matches(folder, model, rank)
     return loaded
 
 
 def test_from_pretrained_matches_transformers_ep4_and_loads_ep2_saves(checkpoints, ep2_run):
-    counts = run_ranks(_ep4, 4, str(checkpoints), str(ep2_run[0] / "saved"), timeout=240)
+    counts = run_ranks(_ep4, 4, str(checkpoints), str(ep2_run[0]), timeout=240)
     assert set(counts.values()) == {2 * len(CONFIGS) + 1}
 
 

@@ -148,7 +148,8 @@ def _one_rank_bad(rank, world):
                                              r"at token 2 slot 1"):
             ep.dispatch(x, bad, w, 4, mode=mode, capacity=capacity)
     bad_map = torch.tensor([0, 0, 1, 5 if rank == 0 else 1])
-    with pytest.raises(ValueError, match=r"expert_to_rank values must be rank ids.*rank 0 has 5 at expert_to_rank\[3\]"):
+    with pytest.raises(ValueError, match=r"expert_to_rank values must be rank ids.*rank 0 has 5 at "
+                                         r"expert_to_rank\[3\]"):
         ep.dispatch(x, idx, w, 4, expert_to_rank=bad_map)
     with pytest.raises(ValueError, match=rf"dispatch tag: rank {rank} has {10 + rank}, rank {1 - rank} has "
                                          rf"{11 - rank}"):

@@ -15,8 +15,13 @@ import argparse
 import json
 import statistics
 import sys
+from pathlib import Path
 
 import torch
+
+sys.path.insert(0, str(Path(__file__).resolve().parents[1] / "python"))  # this checkout's epmoe, no install needed
+
+import epmoe  # noqa: E402, F401  (registers torch.ops.epmoe)
 
 SHAPES = {"deepseek-v3": (7168, 2048), "qwen3-30b": (2048, 768), "qwen3-235b": (4096, 1536)}
 ROWS_PER_EXPERT = [8, 32, 128, 512, 2048]
@@ -57,8 +62,6 @@ def ceilings(repeats: int, flush: torch.Tensor) -> dict:
 
 
 def bench_case(name, hidden, inter, rows_per_expert, repeats, flush, ceil) -> list[dict]:
-    import epmoe  # noqa: F401  (registers torch.ops.epmoe)
-
     ops = torch.ops.epmoe
     weight_bytes = 3 * hidden * inter * 2
     num_experts = max(1, min(256, WEIGHT_BUDGET_BYTES // weight_bytes))

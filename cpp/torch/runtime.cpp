@@ -45,6 +45,10 @@
 #include <torch/csrc/distributed/c10d/ProcessGroup.hpp>
 #include <torch/csrc/utils/pybind.h>
 
+#if __has_include(<torch/headeronly/version.h>)
+#include <torch/headeronly/version.h>
+#endif
+
 #include <chrono>
 #include <cstring>
 #include <functional>
@@ -145,8 +149,14 @@ class ProcessGroupCommunicator final : public Communicator {
         std::vector<int64_t> out_splits = output_splits, in_splits = input_splits;
         c10d::AllToAllOptions opts;
         opts.timeout = timeout_;  // kUnsetTimeout = the process group's own timeout
-        return std::make_unique<ProcessGroupWork>(pg_->all_to_all_single(out, in, out_splits, in_splits, opts), out,
-                                                  in);
+        // NOTES: torch 2.13 renamed ProcessGroup::alltoall_base to all_to_all_single (2.14 deprecates the old
+        // name); the GPU machine's torch 2.11 has only the old one.
+#if defined(TORCH_VERSION_MINOR) && (TORCH_VERSION_MAJOR > 2 || TORCH_VERSION_MINOR >= 13)
+        auto work = pg_->all_to_all_single(out, in, out_splits, in_splits, opts);
+#else
+        auto work = pg_->alltoall_base(out, in, out_splits, in_splits, opts);
+#endif
+        return std::make_unique<ProcessGroupWork>(std::move(work), out, in);
     }
     // gloo works complete in wait(): nothing is ever left only stream-ordered.
     std::unique_ptr<CommWork> fence() override { return std::make_unique<ProcessGroupWork>(nullptr, at::Tensor(), at::Tensor()); }

@@ -6,6 +6,8 @@
 #                                         steps; the GPU steps are reported "skipped (dry run)")
 #   scripts/gpu_check.sh --prepare DIR    copy a GoogleTest source tree (e.g. /usr/src/googletest) to
 #                                         third_party/googletest-src, an ignored folder that a device run carries
+#   --only STEP,STEP  (before OUT)        run only these steps (a rerun on a machine that kept build/gpu); the
+#                                         others are "skipped" and count as met dependencies
 #
 # Every step runs under `timeout` with its own budget (all budgets sum to <= 9 minutes on 16 cores); a step whose
 # dependency failed is reported "not run". OUT gets env.txt, summary.txt (the one-screen summary, also printed),
@@ -30,11 +32,16 @@ prepare() {
 }
 
 DRY_RUN=0
-case "${1:-}" in
-    --prepare) prepare "${2:-}"; exit 0 ;;
-    --dry-run) DRY_RUN=1; shift ;;
-esac
-OUT="${1:?usage: scripts/gpu_check.sh [--dry-run] OUTPUT_DIR | --prepare GOOGLETEST_SOURCE_DIR}"
+ONLY=""
+while [ $# -gt 0 ]; do
+    case "$1" in
+        --prepare) prepare "${2:-}"; exit 0 ;;
+        --dry-run) DRY_RUN=1; shift ;;
+        --only) ONLY=",${2:?--only needs a comma-separated list of steps},"; shift 2 ;;
+        *) break ;;
+    esac
+done
+OUT="${1:?usage: scripts/gpu_check.sh [--dry-run] [--only STEPS] OUTPUT_DIR | --prepare GOOGLETEST_SOURCE_DIR}"
 mkdir -p "$OUT"
 OUT="$(cd "$OUT" && pwd)"
 WORK="$(mktemp -d)"
@@ -87,6 +94,11 @@ record() {  # record NAME STATUS SECONDS BUDGET REASON
 step() {
     local name="$1" budget="$2" deps="$3" gpu="$4"
     shift 4
+    if [ -n "$ONLY" ] && [[ "$ONLY" != *",$name,"* ]]; then
+        record "$name" skipped 0 "$budget" "not selected (--only)"
+        STATUS[$name]="not selected"
+        return
+    fi
     if [ "$gpu" = 1 ] && [ "$DRY_RUN" = 1 ]; then
         record "$name" skipped 0 "$budget" "dry run: needs the GPU"
         echo "=== $name: skipped (dry run)"
@@ -95,7 +107,7 @@ step() {
     local dep
     for dep in ${deps//,/ }; do
         [ "$dep" = "-" ] && continue
-        if [ "${STATUS[$dep]:-}" != "passed" ]; then
+        if [ "${STATUS[$dep]:-}" != "passed" ] && [ "${STATUS[$dep]:-}" != "not selected" ]; then
             record "$name" "not run" 0 "$budget" "needs $dep (${STATUS[$dep]:-not run})"
             echo "=== $name: not run (needs $dep)"
             return
@@ -153,7 +165,14 @@ scripts_args() {
 # ---- GPU steps
 build() {
     "$PY" setup.py build_ext --inplace || return 1
-    "$PY" -c "import epmoe; info = epmoe.build_info(); print(info); assert epmoe.has_cuda_kernels(), info"
+    "$PY" -c "import epmoe; from epmoe._loader import build_info; info = build_info(); print(info); assert epmoe.has_cuda_kernels(), info"
+}
+cpp_tests() {  # cpp_tests [ARGS...]: the GoogleTest binary, which exists only where GoogleTest was found
+    if ! [ -x "$CPP_TESTS" ]; then
+        echo "$CPP_TESTS was not built: no GoogleTest (see env.txt; scripts/gpu_check.sh --prepare DIR)"
+        return 1
+    fi
+    EPMOE_REQUIRE_CUDA=1 "$CPP_TESTS" "$@"  # a CUDA gtest without a device fails instead of skipping
 }
 sanitize() {  # sanitize TOOL COMMAND...
     local tool="$1"
@@ -165,8 +184,12 @@ sanitize() {  # sanitize TOOL COMMAND...
     PYTORCH_NO_CUDA_MEMORY_CACHING=1 "$SANITIZER" --tool "$tool" --error-exitcode 1 --print-limit 20 \
         --target-processes all "$@"
 }
+sanitize_cpp() {  # sanitize_cpp TOOL: the CUDA gtests under compute-sanitizer
+    cpp_tests --gtest_list_tests > /dev/null || return 1
+    EPMOE_REQUIRE_CUDA=1 sanitize "$1" "$CPP_TESTS" --gtest_filter='*Cuda*'
+}
 export ROOT OUT WORK PY DRY_RUN DRY_FLAG SANITIZER CPP_TESTS
-export -f preflight gtest_fallback collect_cuda scripts_args build sanitize
+export -f preflight gtest_fallback collect_cuda scripts_args build cpp_tests sanitize sanitize_cpp
 
 # The CUDA pytest file under the sanitizers, without its two largest cases (budget).
 SANITIZED_PYTEST=(-m pytest -q -x -p no:cacheprovider tests/python/test_experts_cuda.py
@@ -181,9 +204,9 @@ if [ "$DRY_RUN" = 1 ]; then
 fi
 step build          150 preflight  1 build
 step pytest_cuda    55  build      1 env EPMOE_REQUIRE_CUDA=1 "$PY" -m pytest -q -p no:cacheprovider -m cuda tests/python
-step cpp_tests      15  build      1 "$CPP_TESTS"
-step memcheck_cpp   40  build      1 sanitize memcheck "$CPP_TESTS" --gtest_filter='*Cuda*'
-step racecheck_cpp  40  build      1 sanitize racecheck "$CPP_TESTS" --gtest_filter='*Cuda*'
+step cpp_tests      15  build      1 cpp_tests
+step memcheck_cpp   40  build      1 sanitize_cpp memcheck
+step racecheck_cpp  40  build      1 sanitize_cpp racecheck
 step memcheck_py    55  build      1 sanitize memcheck "$PY" "${SANITIZED_PYTEST[@]}"
 step racecheck_py   45  build      1 sanitize racecheck "$PY" "${SANITIZED_PYTEST[@]}"
 step nccl           40  build      1 "$PY" scripts/gpu_check_steps.py nccl "$OUT/nccl.json"

@@ -655,8 +655,7 @@ class Runtime {
             h->send_splits = h->host_send_per_rank;
             h->recv_splits = h->host_recv_per_rank;
         } else {
-            header_work->wait_stream();
-            verify_signature(args.mine, *h);
+            verify_signature(args.mine, *h, *header_work);
             h->counts_on_host = false;
             h->headers_ok = device::headers_agree(args.mine, h->recv_headers);
             h->send_splits.assign(num_ranks_, args.capacity);
@@ -691,15 +690,20 @@ class Runtime {
         return std::make_shared<PendingDispatch>(finish);
     }
 
-    // The first capacity-mode dispatch of each shape signature reads the received headers once (outside a graph
-    // capture), so that ranks whose payload sizes differ raise here instead of hanging in the payload exchange.
-    void verify_signature(const core::DispatchHeader& mine, const DispatchHandle& h) {
+    // Capacity mode orders the caller's stream after the header exchange. The first dispatch of each shape
+    // signature also waits for it on the host (with the timeout) and reads the received headers, outside a graph
+    // capture, so that ranks whose payload sizes differ raise here instead of hanging in the payload exchange.
+    void verify_signature(const core::DispatchHeader& mine, const DispatchHandle& h, CommWork& header_work) {
         const std::vector<int64_t> signature(mine.begin() + core::kNumExperts, mine.end());
-        if (verified_.count(signature) != 0) return;
+        if (verified_.count(signature) != 0) {
+            header_work.wait_stream();
+            return;
+        }
         TORCH_CHECK(!device::capturing(),
                     "EP dispatch in capacity mode: the first dispatch with these shapes (num_experts, hidden, dtype, "
                     "top-k, capacity, placement) checks agreement across ranks on the host and cannot be captured; "
                     "run it once before capturing the CUDA graph");
+        header_work.wait();
         raise_header_error(mine, headers_from(h.recv_headers), rank_);
         verified_.insert(signature);
     }

@@ -255,7 +255,8 @@ class EPGroup:
 
         Returns:
             [T, H] in x's dtype on the source rank: sum_j w[t, j] * expert_out[row(t, j)] (fp32 accumulation,
-            fixed order). Raises RuntimeError if the dispatch overflowed its capacity without drop_overflow.
+            fixed order). If the dispatch overflowed its capacity without drop_overflow: raises RuntimeError on CPU;
+            on CUDA (no host sync) the tokens that lost rows are NaN and `handle.check()` raises.
         """
         if not isinstance(handle, DispatchHandle):
             raise TypeError(f"handle must be a DispatchHandle from EPGroup.dispatch, got {type(handle).__name__}")

@@ -3,8 +3,9 @@
 // cpp/core/dispatch_plan.h for the device path); this file moves tensors.
 //
 // Wire format of a dispatched row (uint8 [row_bytes]):  x bytes [H * elem] | int32 source token | int32 local
-// expert per slot [k] (-1 = slot not on the receiver) | float32 weight per slot [k]. Rows are not 4-byte aligned
-// in general (odd H with 2-byte dtypes), so metadata is read and written bytewise.
+// expert per slot [k] (-1 = slot not on the receiver) | float32 weight per slot [k] (device path: then padding to a
+// multiple of 16 bytes). Rows are not 4-byte aligned in general (odd H with 2-byte dtypes), so metadata is read and
+// written bytewise.
 // Exact mode sends exactly the planned rows; capacity mode sends `capacity` rows to every rank (padding rows carry
 // token -1 and no slot). Before the payload, one small all-to-all exchanges a DispatchHeader per rank pair: the row
 // counts, this rank's dispatch count and tag, any bad input it found, and every field that must agree across
@@ -669,7 +670,8 @@ class Runtime {
         // ---- wire rows, pack, payload exchange
         std::tie(h->token_wire_row, h->send_token_idx) = device::plan_wire_rows(plan, num_wire_send);
         const int64_t x_bytes = hidden * x.element_size();
-        const int64_t row_bytes = x_bytes + 4 * (1 + 2 * num_topk);
+        // Device wire rows are padded to 16 bytes, so that the row kernels move 16-byte vectors.
+        const int64_t row_bytes = (x_bytes + 4 * (1 + 2 * num_topk) + 15) / 16 * 16;
         const at::Tensor x_c = map_ok ? x.contiguous() : x.narrow(0, 0, 0).contiguous();
         const at::Tensor send_wire = device::pack_wire(x_c, idx, map_ok ? weights : weights.narrow(0, 0, 0), e2r, e2l,
                                                        plan.counts, h->send_token_idx, row_bytes);

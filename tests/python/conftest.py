@@ -1,6 +1,7 @@
 """Shared pytest setup: the `cuda` and `multigpu(n)` markers skip without devices, and FAIL instead when
-EPMOE_REQUIRE_CUDA=1 (so a GPU run can never pass by skipping): the test errors in its setup, before any fixture
-or test body could skip it, with a message saying which devices were needed and why none was usable."""
+EPMOE_REQUIRE_CUDA=1 (so a GPU run can never pass by skipping): the test body is not run and the test fails with a
+message saying which devices were needed and why none was usable; a skip or xfail from anywhere else (a fixture,
+a marker) is turned into that failure too."""
 
 import os
 
@@ -50,7 +51,21 @@ def pytest_collection_modifyitems(config, items):
 
 
 @pytest.hookimpl(tryfirst=True)
-def pytest_runtest_setup(item):
-    message = item.stash.get(_MISSING, None)
+def pytest_pyfunc_call(pyfuncitem):
+    message = pyfuncitem.stash.get(_MISSING, None)
     if message is not None:
-        pytest.fail(message, pytrace=False)
+        pytest.fail(message, pytrace=False)  # instead of running the test body
+
+
+@pytest.hookimpl(hookwrapper=True, tryfirst=True)
+def pytest_runtest_makereport(item, call):
+    # Outermost: whatever else turned a required CUDA test into a skip or an xfail (a fixture, the body, a marker)
+    # becomes a failure with the reason.
+    outcome = yield
+    report = outcome.get_result()
+    message = item.stash.get(_MISSING, None)
+    if message is not None and report.skipped:
+        report.outcome = "failed"
+        report.longrepr = message
+        if hasattr(report, "wasxfail"):
+            del report.wasxfail

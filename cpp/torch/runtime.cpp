@@ -606,7 +606,7 @@ class Runtime {
         const auto key = std::make_tuple(p.fingerprint, p.num_experts, static_cast<int>(device.index()));
         auto it = placements_.find(key);
         if (it != placements_.end()) return it->second;
-        TORCH_CHECK(!device::capturing(), "EP dispatch: a new expert placement cannot be uploaded during CUDA "
+        TORCH_CHECK(!device::capturing(device), "EP dispatch: a new expert placement cannot be uploaded during CUDA "
                                           "graph capture; run one dispatch with it before capturing");
         if (placements_.size() >= 64) placements_.clear();
         auto maps = std::make_pair(to_device(p.expert_to_rank, at::kInt, device),
@@ -682,7 +682,7 @@ class Runtime {
         }
         total_bytes_sent_ += h->num_bytes_sent;
         std::shared_ptr<CommWork> work = comm.all_to_all(recv_wire, send_wire, h->recv_splits, h->send_splits);
-        if (capacity_mode && !device::capturing()) h->fence = comm.fence();
+        if (capacity_mode && !device::capturing(device)) h->fence = comm.fence();
 
         // ---- expand on the device on wait()
         auto finish = [h, work, recv_wire, x_bytes]() -> DispatchOut {
@@ -701,7 +701,7 @@ class Runtime {
             header_work.wait_stream();
             return;
         }
-        TORCH_CHECK(!device::capturing(),
+        TORCH_CHECK(!device::capturing(h.recv_headers.device()),
                     "EP dispatch in capacity mode: the first dispatch with these shapes (num_experts, hidden, dtype, "
                     "top-k, capacity, placement) checks agreement across ranks on the host and cannot be captured; "
                     "run it once before capturing the CUDA graph");

@@ -14,8 +14,8 @@
 
 namespace epmoe::device {
 
-// True while the current CUDA stream is being captured into a graph (host reads are then impossible).
-bool capturing();
+// True while the current CUDA stream of `device` is being captured into a graph (host reads are then impossible).
+bool capturing(const at::Device& device);
 
 // The plan of one dispatch, on the device (cpp/core/dispatch_plan.h describes every array).
 struct SendPlan {

@@ -29,7 +29,8 @@ cuda::HeaderRow header_row(const core::DispatchHeader& h) {
 
 }  // namespace
 
-bool capturing() {
+bool capturing(const at::Device& device) {
+    const c10::cuda::CUDAGuard guard(device);
     cudaStreamCaptureStatus status = cudaStreamCaptureStatusNone;
     EPMOE_CUDA_CHECK(cudaStreamIsCapturing(stream(), &status));
     return status != cudaStreamCaptureStatusNone;

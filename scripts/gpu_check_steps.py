@@ -269,9 +269,11 @@ def _figures(name: str, log: str, work: Path, out: Path) -> dict:
     fig: dict = {}
     if name == "preflight" and (out / "env.txt").exists():
         for line in (out / "env.txt").read_text().splitlines():
-            key, _, value = line.partition(" ")
-            if key in ("torch", "GPU", "MISSING:"):
-                fig[key.rstrip(":").lower()] = value.strip().split(" at ")[0][:70]
+            key, value = line[:22].strip(), line[22:].strip()  # the report's "name (22 columns) value" lines
+            if line.startswith("MISSING:"):
+                fig["missing"] = line.split(":", 1)[1].strip()
+            elif key in ("torch", "GPU"):
+                fig[key.lower()] = value.split(" at ")[0][:70]
     pytest_lines = [line for line in log.splitlines() if re.search(r"\d+ (passed|failed|error).* in [\d.]+s", line)]
     for count, what in re.findall(r"(\d+) (passed|failed|skipped|errors?|xfailed|deselected)",
                                   pytest_lines[-1] if pytest_lines else ""):  # fmt: skip

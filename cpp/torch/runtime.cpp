@@ -847,6 +847,8 @@ void register_runtime(py::module_& m) {
         .def_property_readonly("num_send_overflow", &DispatchHandle::num_send_overflow)
         .def_property_readonly("num_recv_overflow", &DispatchHandle::num_recv_overflow)
         .def_readonly("num_recv_rows", &DispatchHandle::num_recv_rows)
+        .def_readonly("counts_on_host", &DispatchHandle::counts_on_host,
+                      "False in CUDA capacity mode: the counts stay on the device and the num_* fields read it")
         .def_readonly("num_bytes_sent", &DispatchHandle::num_bytes_sent, "dispatch payload bytes to other ranks")
         .def("check", &DispatchHandle::check, py::call_guard<py::gil_scoped_release>(),
              "Raise if the ranks disagreed, an input was invalid, or rows overflowed the capacity without "

@@ -220,13 +220,17 @@ def test_cuda_grouped_gemm_clamps_bad_offsets():
 
 
 def test_grouped_swiglu_offsets_contract():
-    """Rows at and past expert_offsets[-1] are padding (dispatch output in capacity mode): accepted, zero. What is
-    rejected is what no layout produces: a first offset other than 0, decreasing offsets, offsets past the rows."""
+    """Rows past expert_offsets[-1] are padding only when asked for (allow_padding=True, e.g. the padded recv_x of
+    CUDA capacity mode), and come out zero; a first offset other than 0, decreasing offsets and offsets past the
+    rows are always rejected (on CPU; CUDA kernels clamp instead, see above)."""
     rows = torch.randn(10, 16)
     w13, w2 = torch.randn(2, 8, 16), torch.randn(2, 16, 4)
-    out = grouped_swiglu_experts(rows, torch.tensor([0, 3, 7]), w13, w2)
+    out = grouped_swiglu_experts(rows, torch.tensor([0, 3, 7]), w13, w2, allow_padding=True)
     assert out.shape == (10, 16) and bool((out[7:] == 0).all())
-    for bad, match in (([1, 3, 7], r"expert_offsets\[0\] must be 0"), ([0, 6, 4], "non-decreasing"),
-                       ([0, 3, 11], r"expert_offsets\[-1\]"), ([-1, 3, 7], r"expert_offsets\[0\] must be 0")):
-        with pytest.raises(ValueError, match=match):
-            grouped_swiglu_experts(rows, torch.tensor(bad), w13, w2)
+    with pytest.raises(ValueError, match=r"expert_offsets\[-1\] must equal the number of rows"):
+        grouped_swiglu_experts(rows, torch.tensor([0, 3, 7]), w13, w2)
+    for bad, match in (([1, 3, 7], "must start at 0"), ([0, 6, 4], "non-decreasing"),
+                       ([0, 3, 11], r"expert_offsets\[-1\]"), ([-1, 3, 7], "must start at 0")):
+        for allow_padding in (False, True):
+            with pytest.raises(ValueError, match=match):
+                grouped_swiglu_experts(rows, torch.tensor(bad), w13, w2, allow_padding=allow_padding)

@@ -107,10 +107,10 @@ def _mismatch(rank, world):
         ep.dispatch(x, idx, w, 3)
     with pytest.raises(ValueError, match="mode must be"):
         ep.dispatch(x, idx, w, 4, mode="fast")
-    with pytest.raises(ValueError, match="capacity must be given when mode='capacity'") as info:
+    with pytest.raises(ValueError, match="capacity must be given .*when mode='capacity'") as info:
         ep.dispatch(x, idx, w, 4, mode="capacity")
-    assert "none was given" in str(info.value) and "-1" not in str(info.value)
-    with pytest.raises(ValueError, match="capacity must be in \\[0, 2\\^31\\) rows per rank pair, got -3"):
+    assert "-1" not in str(info.value)
+    with pytest.raises(ValueError, match="capacity must be >= 0, got -3"):
         ep.dispatch(x, idx, w, 4, mode="capacity", capacity=-3)
     with pytest.raises(ValueError, match="topk_weights must have shape"):
         ep.dispatch(x, idx, w[:, :1], 4)

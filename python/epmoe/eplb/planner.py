@@ -27,6 +27,7 @@ import numpy as np
 import torch
 
 from .placement import Placement, as_load_array
+from .shares import replica_shares
 
 __all__ = ["plan", "STRATEGIES"]
 
@@ -669,7 +670,8 @@ def plan(load, num_slots: int, num_ranks: int, *, num_nodes: int = 1, num_groups
 
     Returns:
         A validated `Placement`; no rank holds two replicas of one expert unless P / R > E (or a previous placement
-        passed to the incremental mode already did).
+        passed to the incremental mode already did). Its `share` (the "weighted" replica policy) makes the rank
+        loads predicted for `load` as even as the replicas allow (`epmoe.eplb.shares.replica_shares`).
     """
     weight = as_load_array(load)
     num_layers, num_experts = weight.shape
@@ -719,4 +721,4 @@ def plan(load, num_slots: int, num_ranks: int, *, num_nodes: int = 1, num_groups
             phy2log = _match_ranks(phy2log, prev_phy, num_ranks, num_experts, scope_nodes)
     placement = Placement(torch.from_numpy(phy2log), num_experts, num_ranks)
     placement.validate()
-    return placement
+    return placement.with_share(replica_shares(weight, placement))

@@ -5,27 +5,32 @@ routing (`map_to_physical`), load recording (`LoadRecorder`) and weight movement
 """
 
 from .deepseek import rebalance_experts
-from .placement import MoveStats, Placement, balancedness, num_redundant_auto, rank_load
+from .placement import POLICIES, MoveStats, Placement, balancedness, num_redundant_auto, rank_load
 from .planner import STRATEGIES, plan
 from .rearrange import LayerTransferStats, RearrangeError, RearrangeReport, rearrange, tensor_digest, transfer_plan
 from .recorder import LoadRecorder
-from .replica import hash32, map_to_physical
+from .replica import group_counts, hash32, map_to_physical
+from .shares import optimal_rank_load, replica_shares
 
 __all__ = [
     "LayerTransferStats",
     "LoadRecorder",
+    "POLICIES",
     "MoveStats",
     "Placement",
     "RearrangeError",
     "RearrangeReport",
     "STRATEGIES",
     "balancedness",
+    "group_counts",
     "hash32",
     "map_to_physical",
     "num_redundant_auto",
+    "optimal_rank_load",
     "plan",
     "rank_load",
     "rearrange",
+    "replica_shares",
     "rebalance_experts",
     "tensor_digest",
     "transfer_plan",

@@ -49,6 +49,11 @@ def hash32(token_idx: torch.Tensor, slot_idx: torch.Tensor, layer: int) -> torch
     return _mix32((token_idx.to(torch.int64) & _MASK32) ^ salt)
 
 
+@torch.library.register_fake("epmoe::balance_replicas")
+def _balance_replicas_fake(topk_idx, log2phy, logcnt, counts, prefix, num_slots, num_ranks):
+    return torch.empty_like(topk_idx)
+
+
 class _LayerMaps:
     """One layer's maps on one device: log2phy int64 [E, M], logcnt int64 [E], and the "weighted" thresholds
     int64 [E, M - 1] (built on first use)."""

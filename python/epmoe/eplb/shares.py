@@ -24,6 +24,16 @@ SHARE_SWEEPS = 8
 _SCALE = float(1 << 40)
 
 
+@torch.library.register_fake("epmoe::replica_quotas")
+def _replica_quotas_fake(counts, log2phy, logcnt, num_slots, num_ranks):
+    return counts.new_empty((log2phy.shape[0], num_slots))
+
+
+@torch.library.register_fake("epmoe::replica_shares")
+def _replica_shares_fake(load, log2phy, logcnt, num_slots, num_ranks, num_sweeps):
+    return load.new_empty((log2phy.shape[0], num_slots))
+
+
 def _tensor(view: np.ndarray) -> torch.Tensor:
     """A tensor over a read-only placement view (the ops only read it)."""
     with warnings.catch_warnings():

@@ -390,26 +390,42 @@ def _match_ranks(new: np.ndarray, old: np.ndarray, num_ranks: int, num_experts: 
     num_layers, num_slots = new.shape
     num_per_rank = num_slots // num_ranks
     ranks_per_node = num_ranks // num_nodes
+    node = np.arange(num_ranks) // ranks_per_node
     out = np.empty_like(new)
+    # Slot pairs (new slot, old slot) holding the same expert in the same layer, all layers at once (no BLAS: a
+    # threaded matmul of the hold matrices costs far more than counting).
+    key_new = (np.arange(num_layers)[:, None] * num_experts + new).reshape(-1)
+    key_old = (np.arange(num_layers)[:, None] * num_experts + old).reshape(-1)
+    order_old = np.argsort(key_old, kind="stable")
+    cnt_old = np.bincount(key_old, minlength=num_layers * num_experts)
+    start_old = np.cumsum(cnt_old) - cnt_old
+    reps = cnt_old[key_new]
+    pair_new = np.repeat(np.arange(key_new.size), reps)
+    pair_old = order_old[np.repeat(start_old[key_new], reps) + np.arange(reps.sum()) - np.repeat(np.cumsum(reps) - reps,
+                                                                                                   reps)]
+    pair_layer = pair_new // num_slots
+    rank_pair = (pair_new % num_slots) // num_per_rank * num_ranks + (pair_old % num_slots) // num_per_rank
+    bounds = np.searchsorted(pair_layer, np.arange(num_layers + 1))
     for layer in range(num_layers):
-        new_r = new[layer].reshape(num_ranks, num_per_rank)
-        old_r = old[layer].reshape(num_ranks, num_per_rank)
-        hold_new = np.zeros((num_ranks, num_experts))
-        hold_old = np.zeros((num_ranks, num_experts))
-        np.add.at(hold_new, (np.repeat(np.arange(num_ranks), num_per_rank), new_r.reshape(-1)), 1)
-        np.add.at(hold_old, (np.repeat(np.arange(num_ranks), num_per_rank), old_r.reshape(-1)), 1)
-        overlap = hold_new @ hold_old.T  # [new rank, old rank]
-        node = np.arange(num_ranks) // ranks_per_node
+        new_r = new[layer].reshape(num_ranks, num_per_rank).tolist()
+        old_r = old[layer].reshape(num_ranks, num_per_rank).tolist()
+        overlap = np.bincount(rank_pair[bounds[layer]:bounds[layer + 1]], minlength=num_ranks * num_ranks).reshape(
+            num_ranks, num_ranks).astype(np.float64)  # [new rank, old rank]
         overlap = np.where(node[:, None] == node[None, :], overlap, -1.0)
-        # Greedy assignment by decreasing overlap; ties resolved in index order.
-        order = np.argsort(-overlap, axis=None, kind="stable")
+        # Greedy assignment by decreasing overlap; ties resolved in index order. Pairs without overlap come last:
+        # each unmatched new rank (ascending) then takes the lowest unused old rank of its node.
+        positive = np.flatnonzero(overlap > 0)
         target = np.full(num_ranks, -1)
         used = np.zeros(num_ranks, dtype=bool)
-        for flat in order:
+        for flat in positive[np.argsort(-overlap.reshape(-1)[positive], kind="stable")]:
             nr, orr = divmod(int(flat), num_ranks)
-            if target[nr] < 0 and not used[orr] and overlap[nr, orr] >= 0:
+            if target[nr] < 0 and not used[orr]:
                 target[nr] = orr
                 used[orr] = True
+        for nr in np.flatnonzero(target < 0):
+            orr = int(np.flatnonzero(~used & (node == node[nr]))[0])
+            target[nr] = orr
+            used[orr] = True
         for nr in range(num_ranks):
             old_slots = list(old_r[target[nr]])
             row = [-1] * num_per_rank
@@ -525,7 +541,7 @@ def _repair(prev: np.ndarray, weight: np.ndarray, num_ranks: int, max_moves: int
         ph, orig, w, cnt, m = phy[x], prev[x], weight[x], logcnt[x], mean[x, None]
         per_copy = w / cnt
         share = np.take_along_axis(per_copy, ph, axis=1)  # [A, P]
-        load = (share.reshape(-1, num_per_rank) @ np.ones(num_per_rank)).reshape(num_active, num_ranks)  # [A, R]
+        load = share.reshape(num_active, num_ranks, num_per_rank).sum(axis=2)  # [A, R]
         exc = _excess(load, m)
         changed = ph != orig
         budget = max_moves - np.count_nonzero(changed, axis=1)  # [A]

@@ -52,7 +52,7 @@ def replica_shares(load, placement: Placement, num_sweeps: int = SHARE_SWEEPS) -
     """
     arr = as_load_array(load)
     _, log2phy, logcnt = placement.numpy()
-    share = torch.ops.epmoe.replica_shares(torch.from_numpy(np.ascontiguousarray(arr)), _tensor(log2phy),
+    share = torch.ops.epmoe.replica_shares(_tensor(np.ascontiguousarray(arr)), _tensor(log2phy),
                                            _tensor(logcnt), placement.num_slots, placement.num_ranks, num_sweeps)
     return share.numpy()
 

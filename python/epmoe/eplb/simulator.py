@@ -1,4 +1,4 @@
-"""`epmoe simulate` / `epmoe.eplb.simulate`: replays an expert-load trace through the real planner and replica
+"""`epmoe simulate` and `epmoe.eplb.simulate`: replays an expert-load trace through the real planner and replica
 policies at any EP size, without starting a process.
 
 Each step holds a load [L, E] (a trace file's values, or the built-in generator's rates). When `tokens_per_step` is
@@ -20,6 +20,7 @@ expert copies it needs (`Placement.moves_from`), their bytes and the planner's t
 
 from __future__ import annotations
 
+import argparse
 import json
 import sys
 import time
@@ -32,7 +33,7 @@ import torch
 from .placement import POLICIES, Placement, as_load_array, balancedness, num_redundant_auto
 from .planner import STRATEGIES, plan
 
-__all__ = ["PRESETS", "ModelPreset", "synthetic_trace", "read_trace", "simulate", "write_report"]
+__all__ = ["PRESETS", "ModelPreset", "synthetic_trace", "read_trace", "simulate", "write_report", "add_parser", "main"]
 
 
 @dataclass(frozen=True)
@@ -49,19 +50,20 @@ class ModelPreset:
     top_k: int
     num_groups: int
     expert_bytes: int
-    skew: float = 1.0
-    drift_steps: float = 400.0
+    skew: float = 0.6
+    drift_steps: float = 5000.0
 
 
 # Shapes from the models' published configs (MoE layers, routed experts, experts per token); bytes of one expert's
 # gate, up and down projections (3 * hidden * moe_intermediate) at the serving precision (FP8 for DeepSeek-V3,
-# BF16 otherwise).
+# BF16 otherwise). The skew and drift are assumptions of the generator, not measurements: a log-normal sigma of 0.6
+# puts the hottest of 256 experts at about 4x the mean, and the popularity decorrelates over thousands of steps.
 PRESETS = {
     "deepseek-v3": ModelPreset(58, 256, 8, 8, 3 * 7168 * 2048),
     "deepseek-v2": ModelPreset(59, 160, 6, 8, 2 * 3 * 5120 * 1536),
-    "qwen3-235b": ModelPreset(94, 128, 8, 1, 2 * 3 * 4096 * 1536),
-    "qwen3-30b": ModelPreset(48, 128, 8, 1, 2 * 3 * 2048 * 768),
-    "mixtral-8x7b": ModelPreset(32, 8, 2, 1, 2 * 3 * 4096 * 14336, skew=0.4),
+    "qwen3-235b": ModelPreset(94, 128, 8, 1, 2 * 3 * 4096 * 1536, skew=0.8),
+    "qwen3-30b": ModelPreset(48, 128, 8, 1, 2 * 3 * 2048 * 768, skew=0.8),
+    "mixtral-8x7b": ModelPreset(32, 8, 2, 1, 2 * 3 * 4096 * 14336, skew=0.3),
 }
 
 
@@ -181,7 +183,8 @@ def simulate(trace=None, *, preset: str | ModelPreset = "deepseek-v3", num_steps
              num_ranks: int = 64, num_redundant: int | None = None, num_nodes: int = 1, num_groups: int | None = None,
              strategy: str = "global", interval: int = 50, window: int | None = None, max_moves: int | None = None,
              tokens_per_step: int | None = None, top_k: int | None = None, policies=POLICIES,
-             expert_bytes: int | None = None, seed: int = 0, quiet: bool = True) -> dict:
+             expert_bytes: int | None = None, initial: Placement | None = None, seed: int = 0,
+             quiet: bool = True) -> dict:
     """Replays an expert-load trace through `plan()` and the replica policies (see the module docstring).
 
     Arguments:
@@ -201,6 +204,7 @@ def simulate(trace=None, *, preset: str | ModelPreset = "deepseek-v3", num_steps
         top_k: experts per token (default: the preset's).
         policies: the replica policies to report.
         expert_bytes: bytes of one expert copy (default: the preset's).
+        initial: the placement in force at step 0 (e.g. the deployed one; default: a plan on the first step's load).
         seed: seeds the generator and the sampling.
         quiet: no progress output.
 
@@ -265,7 +269,17 @@ def simulate(trace=None, *, preset: str | ModelPreset = "deepseek-v3", num_steps
                    previous=previous, max_moves=max_moves if previous is not None else None)
         return new, 1e3 * (time.perf_counter() - start)
 
-    placement, first_ms = planned(as_load_array(trace[0]), None)
+    if initial is None:
+        placement, first_ms = planned(as_load_array(trace[0]), None)
+    else:
+        if not isinstance(initial, Placement):
+            raise TypeError(f"initial must be a Placement, got {type(initial).__name__}")
+        if (initial.num_layers, initial.num_experts, initial.num_slots, initial.num_ranks) != (
+                num_layers, num_experts, num_slots, num_ranks):
+            shape = (initial.num_layers, initial.num_experts, initial.num_slots, initial.num_ranks)
+            raise ValueError(f"initial has (layers, experts, slots, ranks) = {shape}, expected "
+                             f"{(num_layers, num_experts, num_slots, num_ranks)}")
+        placement, first_ms = initial, 0.0
     realise = _Realise(placement)
     config = {
         "trace": "generated" if generated else "given", "preset": preset if isinstance(preset, str) else None,
@@ -334,9 +348,102 @@ def write_report(report: dict, out_dir) -> tuple:
     ax.set_title(f"epmoe simulate: {cfg['preset'] or 'trace'}, EP{cfg['num_ranks']}, {cfg['num_slots']} slots, "
                  f"interval {cfg['interval']}")
     ax.set_ylim(top=1.0)
-    ax.legend(fontsize=8, loc="lower right")
+    ax.legend(fontsize=8, loc="best")
     fig.tight_layout()
     png_path = out_dir / "simulate.png"
     fig.savefig(png_path, dpi=120)
     plt.close(fig)
     return json_path, png_path
+
+
+# ---- the `epmoe simulate` command
+
+
+def _configure(parser: argparse.ArgumentParser) -> argparse.ArgumentParser:
+    parser.add_argument("trace", metavar="TRACE", nargs="?",
+                        help="[steps, layers, experts] expert loads (.npy or .pt); default: generated (--preset)")
+    parser.add_argument("--preset", choices=sorted(PRESETS), default="deepseek-v3",
+                        help="model shape (and generated load) (default: deepseek-v3)")
+    parser.add_argument("--steps", type=int, default=None, help="steps to replay (default: the trace's; 200)")
+    parser.add_argument("--ranks", type=int, default=64, help="EP size (default: 64)")
+    parser.add_argument("--redundant", type=int, default=None,
+                        help="redundant slots (default: the smallest >= experts / 8 divisible by the EP size)")
+    parser.add_argument("--nodes", type=int, default=1, help="nodes (hierarchical strategy)")
+    parser.add_argument("--groups", type=int, default=None, help="expert groups (default: the preset's)")
+    parser.add_argument("--strategy", choices=STRATEGIES, default="global")
+    parser.add_argument("--interval", type=int, default=50, help="re-plan every this many steps, 0: never (50)")
+    parser.add_argument("--window", type=int, default=None, help="steps each plan looks at (default: --interval)")
+    parser.add_argument("--max-moves", type=int, default=None,
+                        help="incremental repair with at most this many slot changes per layer (default: fresh)")
+    parser.add_argument("--tokens", type=int, default=None,
+                        help="tokens per step over the EP group, drawn from the load (default: 128 per rank for "
+                             "generated traces; a trace file's values are used as pair counts)")
+    parser.add_argument("--top-k", type=int, default=None, help="experts per token (default: the preset's)")
+    parser.add_argument("--policies", default=",".join(POLICIES), help="comma-separated replica policies")
+    parser.add_argument("--expert-bytes", type=int, default=None, help="bytes per expert copy (default: preset's)")
+    parser.add_argument("--initial", help="placement JSON in force at step 0 (default: planned on the first step)")
+    parser.add_argument("--seed", type=int, default=0)
+    parser.add_argument("--out", default="epmoe-simulate", help="folder for simulate.json and simulate.png")
+    parser.add_argument("-q", "--quiet", action="store_true", help="no progress output (the summary still prints)")
+    parser.set_defaults(func=_run)
+    return parser
+
+
+def _one_line_error(parser: argparse.ArgumentParser):
+    def error(message: str):
+        print(f"{parser.prog}: error: {message}", file=sys.stderr)
+        raise SystemExit(2)
+
+    return error
+
+
+def add_parser(subparsers) -> argparse.ArgumentParser:
+    """Adds the `simulate` subcommand to an argparse subparsers object (for the `epmoe` CLI)."""
+    parser = subparsers.add_parser("simulate", help="replay an expert-load trace through EPLB at any EP size")
+    parser.error = _one_line_error(parser)
+    return _configure(parser)
+
+
+def _run(args) -> int:
+    try:
+        report = simulate(
+            args.trace, preset=args.preset, num_steps=args.steps, num_ranks=args.ranks, num_redundant=args.redundant,
+            num_nodes=args.nodes, num_groups=args.groups, strategy=args.strategy, interval=args.interval,
+            window=args.window, max_moves=args.max_moves, tokens_per_step=args.tokens, top_k=args.top_k,
+            policies=[p.strip() for p in args.policies.split(",") if p.strip()], expert_bytes=args.expert_bytes,
+            initial=Placement.load(args.initial) if args.initial else None, seed=args.seed, quiet=args.quiet)
+        json_path, png_path = write_report(report, args.out)
+    except (ValueError, TypeError, OSError, RuntimeError) as exc:
+        print(f"epmoe simulate: error: {exc}", file=sys.stderr)
+        return 2
+    _print_summary(report, json_path, png_path)
+    return 0
+
+
+def _print_summary(report: dict, json_path, png_path) -> None:
+    cfg = report["config"]
+    mode = "fresh" if cfg["max_moves"] is None else f"incremental (max_moves={cfg['max_moves']})"
+    print(f"epmoe simulate: {cfg['preset'] or 'trace'}, {cfg['num_layers']} layers x {cfg['num_experts']} experts "
+          f"(top-{cfg['top_k']}), EP{cfg['num_ranks']} with {cfg['num_slots']} slots, {report['steps']} steps, "
+          f"{mode} rebalance every {cfg['interval']} steps")
+    print(f"{'policy':10} {'realised mean':>14} {'worst layer':>12} {'predicted mean':>15}")
+    for name, values in report["policies"].items():
+        print(f"{name:10} {values['mean']:14.4f} {values['min']:12.4f} {np.mean(values['predicted']):15.4f}")
+    if report["rebalances"]:
+        copies = [r["copies"] for r in report["rebalances"]]
+        gib = [r["bytes"] / 2**30 for r in report["rebalances"]]
+        ms = [r["plan_ms"] for r in report["rebalances"]]
+        print(f"rebalances: {len(copies)}, copies per rebalance {np.mean(copies):.0f} ({np.mean(gib):.1f} GiB), "
+              f"planner {np.median(ms):.0f} ms (median)")
+    print(f"report: {json_path}" + (f", plot: {png_path}" if png_path else " (matplotlib missing: no plot)"))
+
+
+def main(argv=None) -> int:
+    """Runs `epmoe simulate` with `argv` (without the program and subcommand names); returns the exit status."""
+    parser = argparse.ArgumentParser(prog="epmoe simulate", description="Replay an expert-load trace through EPLB.")
+    parser.error = _one_line_error(parser)
+    try:
+        args = _configure(parser).parse_args(argv)
+    except SystemExit as exc:
+        return int(exc.code or 0)
+    return args.func(args)

@@ -296,3 +296,67 @@ def test_placement_share_validation_and_json(tmp_path):
     assert "replica_share" not in (tmp_path / "even.json").read_text()
     assert Placement.load(tmp_path / "even.json").has_even_share()
     np.testing.assert_allclose(rank_load([[4.0, 2.0, 1.0]], p, policy="weighted"), [[1.0 + 2.0, 3.0 + 1.0]])
+
+
+# ---- the policies in the MoE layer
+
+
+def _layer(policy: str, num_redundant: int, process_group=None):
+    from epmoe.layer import MoE, MoEConfig
+
+    cfg = MoEConfig(hidden_size=32, moe_intermediate_size=16, num_experts=12, top_k=3,
+                    num_redundant_experts=num_redundant, replica_policy=policy)
+    torch.manual_seed(5)
+    moe = MoE(cfg, process_group)
+    # A skewed router (a few hot experts) and a placement planned for it, so that copies differ in load.
+    with torch.no_grad():
+        moe.gate_weight.add_(torch.linspace(2.0, -2.0, 12)[:, None] * torch.ones(32) / 32**0.5)
+    return moe
+
+
+def _skewed_tokens(rank: int, num_tokens: int) -> torch.Tensor:
+    gen = torch.Generator().manual_seed(100 + rank)
+    return torch.randn(num_tokens, 32, generator=gen) + 1.0
+
+
+def test_layer_output_does_not_depend_on_the_policy():
+    from epmoe import eplb
+
+    x = _skewed_tokens(0, 300)
+    outs, loads = {}, {}
+    for policy in ("hash", "weighted", "balanced"):
+        moe = _layer(policy, num_redundant=12)
+        first = moe.placement.log2phy[0][:, 0]
+        w13, w2 = moe.w13.detach()[first].clone(), moe.w2.detach()[first].clone()  # the logical experts
+        # 4 "ranks" in one process (so that per-rank loads are measurable), replicas for a skewed load.
+        moe._install_placement(eplb.plan(torch.arange(12.0, 0.0, -1.0)[None], 24, 4))
+        moe.load_logical_experts(w13, w2)
+        with torch.no_grad():
+            outs[policy] = moe(x)
+        loads[policy] = moe.recorder.window_load()[0].reshape(4, -1).sum(dim=1)
+    # Replicas hold bitwise identical weights and the single-process sum runs over the top-k slots in order.
+    assert torch.equal(outs["hash"], outs["weighted"]) and torch.equal(outs["hash"], outs["balanced"])
+    assert loads["balanced"].max() <= loads["hash"].max()
+    with pytest.raises(ValueError, match="replica_policy"):
+        _layer("nearest", num_redundant=0)
+
+
+def _layer_ep_worker(rank, world):
+    outs, peaks = {}, {}
+    x = _skewed_tokens(rank, [40, 0, 75, 23][rank])
+    for policy in ("hash", "weighted", "balanced"):
+        moe = _layer(policy, num_redundant=4)
+        with torch.no_grad():
+            outs[policy] = moe(x).numpy()
+        per_rank = moe.recorder.window_load(group=dist.group.WORLD)[0].reshape(world, -1).sum(dim=1)
+        peaks[policy] = int(per_rank.max())
+    return outs, peaks
+
+
+def test_layer_policies_over_gloo_ranks():
+    results = run_ranks(_layer_ep_worker, 4)
+    for rank, (outs, peaks) in results.items():
+        np.testing.assert_allclose(outs["weighted"], outs["hash"], rtol=1e-5, atol=1e-6)
+        # The partial sums per rank are grouped differently when a slot moves rank: equal to rounding.
+        np.testing.assert_allclose(outs["balanced"], outs["hash"], rtol=1e-5, atol=1e-6)
+        assert peaks["balanced"] <= peaks["hash"], (rank, peaks)

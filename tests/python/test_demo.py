@@ -21,6 +21,10 @@ def test_demo_runs_and_matches_reference(tmp_path, preset):
     assert len(report["before"]["bytes_sent_per_rank"]) == 2 and min(report["before"]["bytes_sent_per_rank"]) > 0
     # EPLB never makes the recorded window less balanced than the placement it replaced.
     assert report["rebalance"]["balancedness_after"] >= report["rebalance"]["balancedness_before"]
+    # The per-batch "balanced" replica choice on the same placement and tokens never loads a rank more than hash.
+    after, balanced = report["after"], report["after_balanced"]
+    assert balanced["max_over_mean_load"] <= after["max_over_mean_load"] + 1e-9
+    assert balanced["max_abs_err"] <= report["tolerance"]
     assert (out / "load.png").stat().st_size > 0
 
 

@@ -78,6 +78,8 @@ def _run(args) -> int:
     if before is not None:
         print(f"balancedness before ({label}): min {before.min():.4f} mean {before.mean():.4f}")
     print(f"balancedness after:  min {after.min():.4f} mean {after.mean():.4f}")
+    weighted = balancedness(load, placement, policy="weighted")
+    print(f"balancedness after, weighted replica shares: min {weighted.min():.4f} mean {weighted.mean():.4f}")
     print(f"replicas per expert: max {int(placement.logcnt.max())}, same-rank duplicates "
           f"{placement.num_same_rank_duplicates()}")
     if previous is not None:

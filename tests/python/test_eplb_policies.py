@@ -231,14 +231,21 @@ def test_balanced_cuda_matches_cpu():
                                                                     placement.logcnt[0], None, None, 96, 8))
 
 
-def bench_layers():
-    """Layers of the EPLB benchmark cases (bench_eplb.py): lognormal loads, sigma 1, DeepSeek-V3 and Qwen3 shapes."""
-    for num_experts, num_ranks, num_redundant, num_layers in ((256, 8, 16, 6), (256, 32, 32, 6), (256, 64, 64, 6),
-                                                              (128, 16, 16, 6)):
-        rng = np.random.default_rng(num_ranks)
-        load = np.exp(rng.standard_normal((num_layers, num_experts)))
-        load = load / load.sum(axis=1, keepdims=True) * 1e6
-        yield load, plan(load, num_experts + num_redundant, num_ranks)
+def bench_layers(cases=None, sigmas=None):
+    """Every layer of the EPLB benchmark (benchmarks/bench_eplb.py: its cases, sigmas and seeds) with its plan."""
+    import importlib.util
+    from pathlib import Path
+
+    path = Path(__file__).resolve().parents[2] / "benchmarks" / "bench_eplb.py"
+    spec = importlib.util.spec_from_file_location("bench_eplb", path)
+    bench = importlib.util.module_from_spec(spec)
+    spec.loader.exec_module(bench)
+    for _, num_layers, num_experts, num_groups, num_ranks, num_redundant, num_nodes, strategy in (
+            cases or bench.CASES):
+        for sigma in sigmas or bench.SIGMAS:
+            load = bench.synthetic_load(num_layers, num_experts, sigma, int(sigma * 100) + num_ranks)
+            yield load, plan(load, num_experts + num_redundant, num_ranks, num_nodes=num_nodes, num_groups=num_groups,
+                             strategy=strategy)
 
 
 def test_weighted_shares_predict_at_least_the_even_split():
@@ -254,14 +261,13 @@ def test_weighted_shares_predict_at_least_the_even_split():
         assert np.all(weighted >= hashed - 1e-12)
         np.testing.assert_allclose(weighted, best, rtol=1e-9)  # shares reach the min-max optimum
     # Without a load to fit, shares are the even split and "weighted" predicts what "hash" does.
-    load, placement = next(iter(bench_layers()))
-    even = Placement(placement.phy2log, 256, 8)
+    even = Placement(placement.phy2log, placement.num_experts, placement.num_ranks)
     assert even.has_even_share()
     np.testing.assert_allclose(rank_load(load, even, policy="weighted"), rank_load(load, even))
 
 
 def test_weighted_hash_realises_the_shares():
-    load, placement = next(iter(bench_layers()))
+    load, placement = next(iter(bench_layers(sigmas=[1.0])))
     rng = np.random.default_rng(3)
     layer = 2
     probs = load[layer] / load[layer].sum()

@@ -87,6 +87,12 @@ def test_cli_writes_json_and_png(tmp_path, capsys):
         assert (out / "simulate.png").stat().st_size > 0
     printed = capsys.readouterr()
     assert "realised mean" in printed.out and "simulate: step" not in printed.err  # -q: no progress
+    # A .json path instead of a folder; --incremental repairs with 16 moves per layer.
+    assert simulate_main([str(tmp_path / "trace.npy"), "--ranks", "4", "--redundant", "4", "--interval", "5",
+                          "--incremental", "-o", str(tmp_path / "run.json")]) == 0
+    report = json.loads((tmp_path / "run.json").read_text())
+    assert report["config"]["max_moves"] == 16 and (tmp_path / "run.png").exists()
+    assert "simulate: step" in capsys.readouterr().err  # progress as plain lines when not a terminal
 
 
 @pytest.mark.parametrize("args, match", [

@@ -90,16 +90,21 @@ def group_counts(topk_idx: torch.Tensor, num_experts: int, group=None) -> tuple:
     """Pairs per logical expert of this batch: (counts, prefix), int64 [E] each on topk_idx's device.
 
     Without a group (or a group of one rank): counts are this call's pairs, prefix is None. With a group: counts
-    are summed over its ranks and prefix holds the pairs of the lower ranks (one all_gather of E int64; every rank
-    of the group must call it, with the same num_experts).
+    are summed over its ranks and prefix holds the pairs of the lower ranks (one all_gather of E int64, on the
+    device for NCCL, through the host for a gloo group and CUDA tensors; every rank of the group must call it, with
+    the same num_experts).
     """
     counts = torch.zeros(num_experts, dtype=torch.int64, device=topk_idx.device)
     torch.ops.epmoe.count_slots(counts, topk_idx.to(torch.int32).contiguous())
     if group is None or dist.get_world_size(group) == 1:
         return counts, None
     num_ranks, rank = dist.get_world_size(group), dist.get_rank(group)
-    gathered = torch.empty(num_ranks, num_experts, dtype=torch.int64, device=topk_idx.device)
+    # A gloo group cannot gather CUDA tensors: then the counts travel through the host (one sync).
+    via_host = counts.is_cuda and dist.get_backend(group) == "gloo"
+    counts = counts.cpu() if via_host else counts
+    gathered = torch.empty(num_ranks, num_experts, dtype=torch.int64, device=counts.device)
     dist.all_gather(list(gathered.unbind(0)), counts, group=group)
+    gathered = gathered.to(topk_idx.device)
     return gathered.sum(dim=0), gathered[:rank].sum(dim=0)
 
 

@@ -322,12 +322,13 @@ def simulate(trace=None, *, preset: str | ModelPreset = "deepseek-v3", num_steps
             "policies": results, "rebalances": rebalances}
 
 
-def write_report(report: dict, out_dir) -> tuple:
+def write_report(report: dict, out) -> tuple:
     """Writes simulate.json and, with matplotlib, simulate.png (balancedness per step and policy, rebalances
-    marked) into `out_dir`. Returns (json path, png path or None)."""
-    out_dir = Path(out_dir)
-    out_dir.mkdir(parents=True, exist_ok=True)
-    json_path = out_dir / "simulate.json"
+    marked) into the folder `out`, or to `out` itself when it ends in .json (the plot next to it, .png). Returns
+    (json path, png path or None)."""
+    out = Path(out)
+    json_path = out if out.suffix.lower() == ".json" else out / "simulate.json"
+    json_path.parent.mkdir(parents=True, exist_ok=True)
     json_path.write_text(json.dumps(report, indent=1))
     try:
         import matplotlib
@@ -350,7 +351,7 @@ def write_report(report: dict, out_dir) -> tuple:
     ax.set_ylim(top=1.0)
     ax.legend(fontsize=8, loc="best")
     fig.tight_layout()
-    png_path = out_dir / "simulate.png"
+    png_path = json_path.with_suffix(".png")
     fig.savefig(png_path, dpi=120)
     plt.close(fig)
     return json_path, png_path
@@ -373,6 +374,8 @@ def _configure(parser: argparse.ArgumentParser) -> argparse.ArgumentParser:
     parser.add_argument("--strategy", choices=STRATEGIES, default="global")
     parser.add_argument("--interval", type=int, default=50, help="re-plan every this many steps, 0: never (50)")
     parser.add_argument("--window", type=int, default=None, help="steps each plan looks at (default: --interval)")
+    parser.add_argument("--incremental", action="store_true",
+                        help="repair the placement at each rebalance instead of a fresh plan (--max-moves, default 16)")
     parser.add_argument("--max-moves", type=int, default=None,
                         help="incremental repair with at most this many slot changes per layer (default: fresh)")
     parser.add_argument("--tokens", type=int, default=None,
@@ -383,7 +386,8 @@ def _configure(parser: argparse.ArgumentParser) -> argparse.ArgumentParser:
     parser.add_argument("--expert-bytes", type=int, default=None, help="bytes per expert copy (default: preset's)")
     parser.add_argument("--initial", help="placement JSON in force at step 0 (default: planned on the first step)")
     parser.add_argument("--seed", type=int, default=0)
-    parser.add_argument("--out", default="epmoe-simulate", help="folder for simulate.json and simulate.png")
+    parser.add_argument("-o", "--out", default="epmoe-simulate",
+                        help="folder for simulate.json and simulate.png, or a .json path (the .png goes next to it)")
     parser.add_argument("-q", "--quiet", action="store_true", help="no progress output (the summary still prints)")
     parser.set_defaults(func=_run)
     return parser
@@ -409,7 +413,8 @@ def _run(args) -> int:
         report = simulate(
             args.trace, preset=args.preset, num_steps=args.steps, num_ranks=args.ranks, num_redundant=args.redundant,
             num_nodes=args.nodes, num_groups=args.groups, strategy=args.strategy, interval=args.interval,
-            window=args.window, max_moves=args.max_moves, tokens_per_step=args.tokens, top_k=args.top_k,
+            window=args.window, max_moves=16 if args.incremental and args.max_moves is None else args.max_moves,
+            tokens_per_step=args.tokens, top_k=args.top_k,
             policies=[p.strip() for p in args.policies.split(",") if p.strip()], expert_bytes=args.expert_bytes,
             initial=Placement.load(args.initial) if args.initial else None, seed=args.seed, quiet=args.quiet)
         json_path, png_path = write_report(report, args.out)

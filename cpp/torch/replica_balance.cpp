@@ -1,6 +1,5 @@
 // epmoe::balance_replicas / epmoe::replica_quotas: schemas and CPU impls of the "balanced" replica policy (EPLB).
 // The solver and the assignment are the torch-free core (cpp/core/replica_balance.h); here: checks and buffers.
-#include <ATen/Parallel.h>
 #include <ATen/core/Tensor.h>
 #include <ATen/ops/empty.h>
 #include <ATen/ops/empty_like.h>
@@ -16,7 +15,7 @@
 namespace epmoe {
 namespace {
 
-// Replica lists must be valid slots, ascending, -1 padded after logcnt entries.
+// The first logcnt entries of each replica list must be valid slots, ascending (the padding is never read).
 void check_placement_values(const core::BalanceShape& s, const int64_t* log2phy, const int64_t* logcnt,
                             int64_t num_layers) {
     const int64_t width = s.max_replicas;
@@ -25,11 +24,10 @@ void check_placement_values(const core::BalanceShape& s, const int64_t* log2phy,
         TORCH_CHECK_VALUE(n >= 1 && n <= width, "logcnt values must lie in [1, ", width, "], got ", n,
                           " at flat index ", row);
         const int64_t* slots = log2phy + row * width;
-        for (int64_t i = 0; i < width; ++i) {
-            const bool ok = i < n ? (slots[i] >= 0 && slots[i] < s.num_slots && (i == 0 || slots[i] > slots[i - 1]))
-                                  : slots[i] == -1;
-            TORCH_CHECK_VALUE(ok, "log2phy row ", row, " must list logcnt ascending slots in [0, ", s.num_slots,
-                              ") then -1, got ", slots[i], " at column ", i);
+        for (int64_t i = 0; i < n; ++i) {
+            const bool ok = slots[i] >= 0 && slots[i] < s.num_slots && (i == 0 || slots[i] > slots[i - 1]);
+            TORCH_CHECK_VALUE(ok, "log2phy row ", row, " must start with logcnt ascending slots in [0, ", s.num_slots,
+                              "), got ", slots[i], " at column ", i);
         }
     }
 }
@@ -117,14 +115,13 @@ at::Tensor replica_quotas_cpu(const at::Tensor& counts, const at::Tensor& log2ph
     auto quota = at::empty({num_layers, s.num_slots}, counts.options());
     int64_t* quota_ptr = quota.data_ptr<int64_t>();
     const int64_t row = static_cast<int64_t>(s.num_experts) * s.max_replicas;
-    at::parallel_for(0, num_layers, 1, [&](int64_t begin, int64_t end) {
-        std::vector<int64_t> scratch, per_replica(row);
-        for (int64_t l = begin; l < end; ++l) {
-            solve_layer(s, counts_ptr + l * s.num_experts, l2p + l * row, cnt + l * s.num_experts, scratch,
-                        per_replica.data());
-            scatter_to_slots(s, l2p + l * row, cnt + l * s.num_experts, per_replica.data(), quota_ptr + l * s.num_slots);
-        }
-    });
+    // Serial: a layer takes microseconds, less than waking the thread pool.
+    std::vector<int64_t> scratch, per_replica(row);
+    for (int64_t l = 0; l < num_layers; ++l) {
+        solve_layer(s, counts_ptr + l * s.num_experts, l2p + l * row, cnt + l * s.num_experts, scratch,
+                    per_replica.data());
+        scatter_to_slots(s, l2p + l * row, cnt + l * s.num_experts, per_replica.data(), quota_ptr + l * s.num_slots);
+    }
     return quota;
 }
 
@@ -148,14 +145,12 @@ at::Tensor replica_shares_cpu(const at::Tensor& load, const at::Tensor& log2phy,
     auto share = at::zeros({num_layers, s.num_slots}, load.options());
     double* share_ptr = share.data_ptr<double>();
     const int64_t row = static_cast<int64_t>(s.num_experts) * s.max_replicas;
-    at::parallel_for(0, num_layers, 1, [&](int64_t begin, int64_t end) {
-        std::vector<double> per_replica(row);
-        for (int64_t l = begin; l < end; ++l) {
-            core::replica_shares(s, load_ptr + l * s.num_experts, l2p + l * row, cnt + l * s.num_experts,
-                                 static_cast<int>(num_sweeps), per_replica.data());
-            scatter_to_slots(s, l2p + l * row, cnt + l * s.num_experts, per_replica.data(), share_ptr + l * s.num_slots);
-        }
-    });
+    std::vector<double> per_replica(row);
+    for (int64_t l = 0; l < num_layers; ++l) {
+        core::replica_shares(s, load_ptr + l * s.num_experts, l2p + l * row, cnt + l * s.num_experts,
+                             static_cast<int>(num_sweeps), per_replica.data());
+        scatter_to_slots(s, l2p + l * row, cnt + l * s.num_experts, per_replica.data(), share_ptr + l * s.num_slots);
+    }
     return share;
 }
 

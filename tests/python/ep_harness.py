@@ -2,6 +2,7 @@
 
 from __future__ import annotations
 
+import io
 import os
 import socket
 import traceback
@@ -31,7 +32,11 @@ def _worker(rank, world_size, port, fn, args, queue, pg_timeout):
             timeout=datetime.timedelta(seconds=pg_timeout),
         )
         result = fn(rank, world_size, *args)
-        queue.put((rank, "ok", result))
+        # By value: tensors put on the queue as is travel as shared-memory handles that the parent can only open
+        # while this process is alive, and it may exit first.
+        buffer = io.BytesIO()
+        torch.save(result, buffer)
+        queue.put((rank, "ok", buffer.getvalue()))
     except BaseException:  # noqa: BLE001 - any failure of a worker fails the test
         queue.put((rank, "error", traceback.format_exc()))
     finally:
@@ -64,7 +69,7 @@ def run_ranks(fn, world_size: int, *args, timeout: float = 90.0, pg_timeout: flo
         except queue_mod.Empty:
             break
         if status == "ok":
-            results[rank] = payload
+            results[rank] = torch.load(io.BytesIO(payload), weights_only=False)
         else:
             errors.append(f"rank {rank}:\n{payload}")
     for p in procs:

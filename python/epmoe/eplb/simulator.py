@@ -33,7 +33,8 @@ import torch
 from .placement import POLICIES, Placement, as_load_array, balancedness, num_redundant_auto
 from .planner import STRATEGIES, plan
 
-__all__ = ["PRESETS", "ModelPreset", "synthetic_trace", "read_trace", "simulate", "write_report", "add_parser", "main"]
+__all__ = ["PRESETS", "ModelPreset", "synthetic_trace", "read_trace", "simulate", "write_report", "add_parser",
+           "main"]
 
 
 @dataclass(frozen=True)
@@ -110,36 +111,6 @@ def _check_trace(trace: np.ndarray, name: str) -> np.ndarray:
     return trace
 
 
-class _Progress:
-    """tqdm on a terminal, plain lines (about every 10%) otherwise, nothing when quiet."""
-
-    def __init__(self, total: int, quiet: bool):
-        self.total, self.done, self.quiet, self._bar = total, 0, quiet, None
-        self._next_line = 0
-        if not quiet and sys.stderr.isatty():
-            try:
-                from tqdm import tqdm
-
-                self._bar = tqdm(total=total, desc="simulate", unit="step", file=sys.stderr)
-            except ImportError:
-                self._bar = None
-
-    def update(self, text: str) -> None:
-        self.done += 1
-        if self.quiet:
-            return
-        if self._bar is not None:
-            self._bar.set_postfix_str(text, refresh=False)
-            self._bar.update(1)
-        elif self.done >= self._next_line or self.done == self.total:
-            print(f"simulate: step {self.done}/{self.total} {text}", file=sys.stderr, flush=True)
-            self._next_line = self.done + max(1, self.total // 10)
-
-    def close(self) -> None:
-        if self._bar is not None:
-            self._bar.close()
-
-
 class _Realise:
     """Per-rank balancedness of a step's pairs on one placement, per policy (maps prepared once per placement)."""
 
@@ -184,7 +155,7 @@ def simulate(trace=None, *, preset: str | ModelPreset = "deepseek-v3", num_steps
              strategy: str = "global", interval: int = 50, window: int | None = None, max_moves: int | None = None,
              tokens_per_step: int | None = None, top_k: int | None = None, policies=POLICIES,
              expert_bytes: int | None = None, initial: Placement | None = None, seed: int = 0,
-             quiet: bool = True) -> dict:
+             progress=None) -> dict:
     """Replays an expert-load trace through `plan()` and the replica policies (see the module docstring).
 
     Arguments:
@@ -206,7 +177,7 @@ def simulate(trace=None, *, preset: str | ModelPreset = "deepseek-v3", num_steps
         expert_bytes: bytes of one expert copy (default: the preset's).
         initial: the placement in force at step 0 (e.g. the deployed one; default: a plan on the first step's load).
         seed: seeds the generator and the sampling.
-        quiet: no progress output.
+        progress: called as progress(text) after every step (text: the step's realised balancedness per policy).
 
     Returns:
         A JSON-serialisable dict: "config", "steps", "rebalance_steps", "policies" ({name: {"balancedness": [per
@@ -291,30 +262,27 @@ def simulate(trace=None, *, preset: str | ModelPreset = "deepseek-v3", num_steps
     }
     results = {p: {"balancedness": [], "balancedness_min": [], "predicted": []} for p in policies}
     rebalances, history = [], []
-    progress = _Progress(num_steps, quiet)
-    try:
-        for step in range(num_steps):
-            if interval and step and step % interval == 0:
-                recorded = np.sum(history[-window:], axis=0)
-                new, ms = planned(recorded, placement)
-                moves = new.moves_from(placement)
-                rebalances.append({"step": step, "copies": moves.remote_copies,
-                                   "bytes": moves.remote_copies * expert_bytes,
-                                   "changed_slots": moves.changed_slots, "plan_ms": ms})
-                placement, realise = new, _Realise(new)
-            load = trace[step]
-            counts = step_counts(load)
-            history.append(counts)
-            history = history[-window:] if window else history
-            for policy in policies:
-                realised = realise.balancedness(policy, counts, rng)
-                predicted = balancedness(load, placement, policy=policy)
-                results[policy]["balancedness"].append(float(realised.mean()))
-                results[policy]["balancedness_min"].append(float(realised.min()))
-                results[policy]["predicted"].append(float(predicted.mean()))
-            progress.update(" ".join(f"{p} {results[p]['balancedness'][-1]:.3f}" for p in policies))
-    finally:
-        progress.close()
+    for step in range(num_steps):
+        if interval and step and step % interval == 0:
+            recorded = np.sum(history[-window:], axis=0)
+            new, ms = planned(recorded, placement)
+            moves = new.moves_from(placement)
+            rebalances.append({"step": step, "copies": moves.remote_copies,
+                               "bytes": moves.remote_copies * expert_bytes,
+                               "changed_slots": moves.changed_slots, "plan_ms": ms})
+            placement, realise = new, _Realise(new)
+        load = trace[step]
+        counts = step_counts(load)
+        history.append(counts)
+        history = history[-window:] if window else history
+        for policy in policies:
+            realised = realise.balancedness(policy, counts, rng)
+            predicted = balancedness(load, placement, policy=policy)
+            results[policy]["balancedness"].append(float(realised.mean()))
+            results[policy]["balancedness_min"].append(float(realised.min()))
+            results[policy]["predicted"].append(float(predicted.mean()))
+        if progress is not None:
+            progress(" ".join(f"{p} {results[p]['balancedness'][-1]:.3f}" for p in policies))
     for values in results.values():
         values["mean"] = float(np.mean(values["balancedness"]))
         values["min"] = float(np.min(values["balancedness_min"]))
@@ -360,55 +328,51 @@ def write_report(report: dict, out) -> tuple:
 # ---- the `epmoe simulate` command
 
 
-def _configure(parser: argparse.ArgumentParser) -> argparse.ArgumentParser:
-    parser.add_argument("trace", metavar="TRACE", nargs="?",
-                        help="[steps, layers, experts] expert loads (.npy or .pt); default: generated (--preset)")
-    parser.add_argument("--preset", choices=sorted(PRESETS), default="deepseek-v3",
-                        help="model shape (and generated load) (default: deepseek-v3)")
-    parser.add_argument("--steps", type=int, default=None, help="steps to replay (default: the trace's; 200)")
-    parser.add_argument("--ranks", type=int, default=64, help="EP size (default: 64)")
-    parser.add_argument("--redundant", type=int, default=None,
-                        help="redundant slots (default: the smallest >= experts / 8 divisible by the EP size)")
-    parser.add_argument("--nodes", type=int, default=1, help="nodes (hierarchical strategy)")
-    parser.add_argument("--groups", type=int, default=None, help="expert groups (default: the preset's)")
-    parser.add_argument("--strategy", choices=STRATEGIES, default="global")
-    parser.add_argument("--interval", type=int, default=50, help="re-plan every this many steps, 0: never (50)")
-    parser.add_argument("--window", type=int, default=None, help="steps each plan looks at (default: --interval)")
-    parser.add_argument("--incremental", action="store_true",
-                        help="repair the placement at each rebalance instead of a fresh plan (--max-moves, default 16)")
-    parser.add_argument("--max-moves", type=int, default=None,
-                        help="incremental repair with at most this many slot changes per layer (default: fresh)")
-    parser.add_argument("--tokens", type=int, default=None,
-                        help="tokens per step over the EP group, drawn from the load (default: 128 per rank for "
-                             "generated traces; a trace file's values are used as pair counts)")
-    parser.add_argument("--top-k", type=int, default=None, help="experts per token (default: the preset's)")
-    parser.add_argument("--policies", default=",".join(POLICIES), help="comma-separated replica policies")
-    parser.add_argument("--expert-bytes", type=int, default=None, help="bytes per expert copy (default: preset's)")
-    parser.add_argument("--initial", help="placement JSON in force at step 0 (default: planned on the first step)")
-    parser.add_argument("--seed", type=int, default=0)
-    parser.add_argument("-o", "--out", default="epmoe-simulate",
-                        help="folder for simulate.json and simulate.png, or a .json path (the .png goes next to it)")
-    parser.add_argument("-q", "--quiet", action="store_true", help="no progress output (the summary still prints)")
+def add_parser(subparsers) -> argparse.ArgumentParser:
+    """Adds the `simulate` subcommand to the `epmoe` CLI's subparsers (errors and -q/-v/--debug: epmoe.cli)."""
+    from epmoe.cli import non_negative_int, positive_int
+
+    parser = subparsers.add_parser("simulate", help="replay an expert-load trace through EPLB at any EP size",
+                                   description="Replay an expert-load trace (or a generated drifting one) through "
+                                               "the EPLB planner and replica policies at any EP size.")
+    add = parser.add_argument
+    add("trace", metavar="TRACE", nargs="?",
+        help="[steps, layers, experts] expert loads (.npy or .pt); default: generated (--preset)")
+    add("--preset", choices=sorted(PRESETS), default="deepseek-v3", help="model shape (and generated load)")
+    add("--steps", type=positive_int, default=None, help="steps to replay (default: the trace's; 200)")
+    add("--ranks", type=positive_int, default=64, help="EP size")
+    add("--redundant", type=non_negative_int, default=None,
+        help="redundant slots (default: the smallest >= experts / 8 divisible by the EP size)")
+    add("--nodes", type=positive_int, default=1, help="nodes (hierarchical strategy)")
+    add("--groups", type=positive_int, default=None, help="expert groups (default: the preset's)")
+    add("--strategy", choices=STRATEGIES, default="global")
+    add("--interval", type=non_negative_int, default=50, help="re-plan every this many steps, 0: never")
+    add("--window", type=positive_int, default=None, help="steps each plan looks at (default: --interval)")
+    add("--incremental", action="store_true",
+        help="repair the placement at each rebalance instead of a fresh plan (--max-moves, default 16)")
+    add("--max-moves", type=non_negative_int, default=None,
+        help="incremental repair with at most this many slot changes per layer (default: fresh)")
+    add("--tokens", type=positive_int, default=None,
+        help="tokens per step over the EP group, drawn from the load (default: 128 per rank for generated traces; "
+             "a trace file's values are used as pair counts)")
+    add("--top-k", type=positive_int, default=None, help="experts per token (default: the preset's)")
+    add("--policies", default=",".join(POLICIES), help="comma-separated replica policies")
+    add("--expert-bytes", type=positive_int, default=None, help="bytes per expert copy (default: the preset's)")
+    add("--initial", help="placement JSON in force at step 0 (default: planned on the first step)")
+    add("--seed", type=non_negative_int, default=0)
+    add("-o", "--out", default="epmoe-simulate",
+        help="folder for simulate.json and simulate.png, or a .json path (the .png goes next to it)")
     parser.set_defaults(func=_run)
     return parser
 
 
-def _one_line_error(parser: argparse.ArgumentParser):
-    def error(message: str):
-        print(f"{parser.prog}: error: {message}", file=sys.stderr)
-        raise SystemExit(2)
-
-    return error
-
-
-def add_parser(subparsers) -> argparse.ArgumentParser:
-    """Adds the `simulate` subcommand to an argparse subparsers object (for the `epmoe` CLI)."""
-    parser = subparsers.add_parser("simulate", help="replay an expert-load trace through EPLB at any EP size")
-    parser.error = _one_line_error(parser)
-    return _configure(parser)
-
-
 def _run(args) -> int:
+    from epmoe._progress import Progress
+
+    steps = args.steps if args.steps is not None else (200 if args.trace is None else None)
+    if steps is None:  # a file without --steps: replay it all
+        steps = read_trace(args.trace).shape[0]
+    progress = Progress(steps, "epmoe simulate", enabled=not getattr(args, "quiet", False))
     try:
         report = simulate(
             args.trace, preset=args.preset, num_steps=args.steps, num_ranks=args.ranks, num_redundant=args.redundant,
@@ -416,11 +380,10 @@ def _run(args) -> int:
             window=args.window, max_moves=16 if args.incremental and args.max_moves is None else args.max_moves,
             tokens_per_step=args.tokens, top_k=args.top_k,
             policies=[p.strip() for p in args.policies.split(",") if p.strip()], expert_bytes=args.expert_bytes,
-            initial=Placement.load(args.initial) if args.initial else None, seed=args.seed, quiet=args.quiet)
-        json_path, png_path = write_report(report, args.out)
-    except (ValueError, TypeError, OSError, RuntimeError) as exc:
-        print(f"epmoe simulate: error: {exc}", file=sys.stderr)
-        return 2
+            initial=Placement.load(args.initial) if args.initial else None, seed=args.seed, progress=progress.step)
+    finally:
+        progress.close()
+    json_path, png_path = write_report(report, args.out)
     _print_summary(report, json_path, png_path)
     return 0
 
@@ -445,10 +408,6 @@ def _print_summary(report: dict, json_path, png_path) -> None:
 
 def main(argv=None) -> int:
     """Runs `epmoe simulate` with `argv` (without the program and subcommand names); returns the exit status."""
-    parser = argparse.ArgumentParser(prog="epmoe simulate", description="Replay an expert-load trace through EPLB.")
-    parser.error = _one_line_error(parser)
-    try:
-        args = _configure(parser).parse_args(argv)
-    except SystemExit as exc:
-        return int(exc.code or 0)
-    return args.func(args)
+    from epmoe.cli import main as epmoe_main
+
+    return epmoe_main(["simulate", *(sys.argv[1:] if argv is None else argv)])

@@ -179,7 +179,7 @@ def _run(rank, num_ranks, args, device, MoE, MoEConfig, eplb) -> dict:
     after = run_phase("after EPLB")
     # The same placement with the per-batch less-loaded copy ("balanced": counts exchanged over the EP group).
     moe.config.replica_policy = "balanced"
-    after_balanced = run_phase("balanced")
+    after_balanced = run_phase("after EPLB, balanced")
     moe.config.replica_policy = cfg.replica_policy
     progress.step("report")
     tolerance = TOLERANCE[cfg.dtype]

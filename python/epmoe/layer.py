@@ -33,7 +33,10 @@ class MoEConfig:
     `shared_intermediate_size` (default `moe_intermediate_size * num_shared_experts`) replicated on every rank.
     `num_redundant_experts` extra physical slots hold EPLB replicas of hot experts; `(num_experts +
     num_redundant_experts)` must be divisible by the EP size. Load is recorded over the last `eplb_window` forward
-    calls; `eplb_interval > 0` rebalances automatically every that many training forwards.
+    calls; `eplb_interval > 0` rebalances automatically every that many training forwards. `replica_policy` picks the
+    copy of a replicated expert each (token, slot) goes to (`epmoe.eplb.map_to_physical`): "hash" (even split),
+    "weighted" (the plan's replica shares) or "balanced" (the less-loaded copy for each batch; with EP the counts are
+    exchanged over the layer's group); outputs do not depend on it.
     """
 
     hidden_size: int
@@ -55,6 +58,7 @@ class MoEConfig:
     record_load: bool = True
     eplb_window: int = 16
     eplb_interval: int = 0
+    replica_policy: str = "hash"
 
     def validate(self, num_ranks: int) -> None:
         """Raises ValueError naming the offending field."""
@@ -64,6 +68,8 @@ class MoEConfig:
                 raise ValueError(f"MoEConfig.{name} must be a positive int, got {value!r}")
         if self.scoring not in _SCORINGS:
             raise ValueError(f"MoEConfig.scoring must be one of {_SCORINGS}, got {self.scoring!r}")
+        if self.replica_policy not in eplb.POLICIES:
+            raise ValueError(f"MoEConfig.replica_policy must be one of {eplb.POLICIES}, got {self.replica_policy!r}")
         if self.exchange_mode not in _MODES:
             raise ValueError(f"MoEConfig.exchange_mode must be one of {_MODES}, got {self.exchange_mode!r}")
         if self.num_experts % self.num_groups != 0:
@@ -121,6 +127,12 @@ def draw_base_seed(group: dist.ProcessGroup | None, generator: torch.Generator |
         dist.broadcast_object_list(box, src=dist.get_global_rank(group, 0), group=group)
         seed = int(box[0])
     return seed
+
+
+def placement_row(placement: eplb.Placement, row: int) -> eplb.Placement:
+    """Layer `row` of an L-layer placement as a 1-layer placement (slots and replica shares)."""
+    return eplb.Placement(placement.phy2log[row : row + 1], placement.num_experts, placement.num_ranks,
+                          share=placement.share[row : row + 1])
 
 
 class _SharedExperts(nn.Module):
@@ -229,8 +241,7 @@ class MoE(nn.Module):
             return placement
         if not 0 <= self.layer_idx < placement.num_layers:
             raise ValueError(f"placement has {placement.num_layers} layers, no row for layer_idx={self.layer_idx}")
-        row = placement.phy2log[self.layer_idx : self.layer_idx + 1]
-        return eplb.Placement(row, placement.num_experts, placement.num_ranks)
+        return placement_row(placement, self.layer_idx)
 
     def _install_placement(self, placement: eplb.Placement) -> None:
         """Makes `placement` current: routing maps on the layer's device, load recorder restarted (slot ids changed
@@ -413,9 +424,10 @@ class MoE(nn.Module):
         topk_weights, topk_idx = self.route(x)
         if self._log2phy.device != x.device:  # the module was moved after the placement was installed
             self._install_placement(self.placement)
-        # Replica choice: a hash of (token, slot, layer); the rank salts the token index so ranks spread differently.
-        slot_idx = eplb.map_to_physical(topk_idx, (self._log2phy, self._logcnt), self.layer_idx,
-                                        token_offset=self.rank << 24)
+        # Replica choice by cfg.replica_policy; for the hashes the rank salts the token index so ranks spread
+        # differently, "balanced" exchanges the counts over the EP group.
+        slot_idx = eplb.map_to_physical(topk_idx, self.placement, self.layer_idx, token_offset=self.rank << 24,
+                                        policy=cfg.replica_policy, group=self.group)
         if cfg.record_load:
             self.recorder.record(0, slot_idx)
             self.recorder.step()

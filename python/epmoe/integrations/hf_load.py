@@ -30,7 +30,7 @@ from epmoe.integrations.hf_checkpoint import (
     tensor_at,
 )
 from epmoe.integrations.transformers import SUPPORTED_BLOCKS, moe_config_from_hf
-from epmoe.layer import MoE
+from epmoe.layer import MoE, placement_row
 
 __all__ = ["from_pretrained", "find_moe_blocks", "load_placement"]
 
@@ -386,7 +386,7 @@ def _layer_placements(model, blocks, num_experts: int, world: int, num_redundant
     if num_redundant_experts not in (0, from_plan):
         raise ValueError(f"num_redundant_experts={num_redundant_experts!r}, but the placement has "
                          f"{layout.num_slots} slots for {num_experts} experts ({from_plan} redundant)")
-    return from_plan, [eplb.Placement(layout.phy2log[r : r + 1], num_experts, world) for r in rows]
+    return from_plan, [placement_row(layout, r) for r in rows]
 
 
 def _replace_blocks(model, files, group, world: int, num_redundant_experts, placement) -> list[_ExpertPlan]:

@@ -74,6 +74,7 @@ def test_placement_argument():
     for layer_idx in range(3):
         moe = MoE(cfg, layer_idx=layer_idx, placement=three)
         assert moe.placement.phy2log.tolist() == three.phy2log[layer_idx : layer_idx + 1].tolist()
+        assert torch.equal(moe.placement.share, three.share[layer_idx : layer_idx + 1])  # the plan's replica shares
     one = eplb.Placement(three.phy2log[2:3], 6, 1)
     assert MoE(cfg, layer_idx=5, placement=one).placement == one
     with pytest.raises(ValueError, match="placement.num_experts is 6, expected 8"):
@@ -92,8 +93,10 @@ def test_placement_json_round_trip(tmp_path):
     plan = eplb.plan(torch.rand(4, 6, generator=torch.Generator().manual_seed(1)), 8, 2)
     plan.save(tmp_path / "plan.json")
     assert eplb.Placement.load(tmp_path / "plan.json") == plan
-    sglang = {"physical_to_logical_map": plan.phy2log.tolist()}
-    assert eplb.Placement.from_json_dict(sglang, num_experts=6, num_ranks=2) == plan
+    assert not plan.has_even_share()  # the plan's replica shares travel too
+    sglang = {"physical_to_logical_map": plan.phy2log.tolist()}  # SGLang's map: slots only, even shares
+    from_sglang = eplb.Placement.from_json_dict(sglang, num_experts=6, num_ranks=2)
+    assert torch.equal(from_sglang.phy2log, plan.phy2log) and from_sglang.has_even_share()
     with pytest.raises(ValueError, match="lacks the field 'num_logical_experts'"):
         eplb.Placement.from_json_dict(sglang)
     with pytest.raises(ValueError, match="'num_ranks' is 2, expected 4"):

@@ -12,12 +12,12 @@ Usage: python benchmarks/bench_route.py [--quick] [--out file.json]
 import argparse
 import functools
 import json
-import os
 import statistics
 import sys
 import time
+from pathlib import Path
 
-sys.path.insert(0, os.path.join(os.path.dirname(os.path.abspath(__file__)), "..", "python"))
+sys.path.insert(0, str(Path(__file__).resolve().parents[1] / "python"))  # this checkout's epmoe, no install needed
 
 import epmoe  # noqa: E402
 import torch  # noqa: E402

@@ -1,8 +1,10 @@
 """Routing benchmark: epmoe.route against the plain-torch routers it replaces.
 
-CPU: median wall time of epmoe.route vs (a) the torch composition of transformers' DeepseekV3 router after its
-GEMM (sigmoid, bias, group top-2, group mask, top-k, gather, renormalize, scale) and (b) softmax + torch.topk +
-renormalize (Qwen3-MoE / Mixtral). GPU (when available): kernel time per call, from CUDA-graph replays.
+CPU: epmoe.route vs (a) the torch composition of transformers' DeepseekV3 router after its GEMM (sigmoid, bias,
+group top-2, group mask, top-k, gather, renormalize, scale) and (b) softmax + torch.topk + renormalize (Qwen3-MoE /
+Mixtral); the two alternate within each round and the speedup is the median over rounds of the per-round ratio.
+Ceiling: the logits read per second against the memory read bandwidth x.sum() shows (routing is compute-bound).
+GPU (when available): kernel time per call, from CUDA-graph replays.
 
 Usage: python benchmarks/bench_route.py [--quick] [--out file.json]
 """
@@ -15,11 +17,18 @@ import sys
 import time
 from pathlib import Path
 
-import torch
-
 sys.path.insert(0, str(Path(__file__).resolve().parents[1] / "python"))  # this checkout's epmoe, no install needed
 
 import epmoe  # noqa: E402
+import torch  # noqa: E402
+from bench_common import (  # noqa: E402
+    add_timing_args,
+    apply_timing_args,
+    interleaved,
+    median_ms,
+    median_ratio,
+    read_bandwidth,
+)
 from epmoe import eplb  # noqa: E402
 
 SHAPES = {
@@ -93,12 +102,15 @@ def bench_cpu(token_counts, repeats):
             else:
                 baseline = functools.partial(torch_softmax_topk, logits, top_k)
                 baseline_name = "softmax + torch.topk + renormalize"
-            ours = median_seconds(epmoe_call(name, logits, bias), repeats)
-            theirs = median_seconds(baseline, repeats)
+            samples = interleaved({"epmoe": epmoe_call(name, logits, bias), "torch": baseline}, repeats, warmup=3)
+            ms = median_ms(samples)
+            logit_bytes = logits.numel() * logits.element_size()
             rows.append(
                 dict(
-                    shape=name, num_tokens=num_tokens, baseline=baseline_name, epmoe_ms=ours * 1e3,
-                    baseline_ms=theirs * 1e3, speedup=theirs / ours, target=CPU_TARGETS.get((name, num_tokens)),
+                    shape=name, num_tokens=num_tokens, baseline=baseline_name, epmoe_ms=ms["epmoe"],
+                    baseline_ms=ms["torch"], speedup=median_ratio(samples, ["torch"], "epmoe"),
+                    target=CPU_TARGETS.get((name, num_tokens)), logits_gb_per_s=logit_bytes / ms["epmoe"] / 1e6,
+                    read_gb_per_s=read_bandwidth(logit_bytes, repeats),
                 )
             )  # fmt: skip
     return rows
@@ -168,15 +180,19 @@ def main():
     parser.add_argument("--quick", action="store_true", help="fewer repeats")
     parser.add_argument("--out", default=None, help="write the results as JSON")
     parser.add_argument("--gpu-only", action="store_true", help="skip the CPU section (GPU checks)")
+    add_timing_args(parser)
     args = parser.parse_args()
+    apply_timing_args(args)
     token_counts = (256, 4096, 32768)
     repeats = 5 if args.quick else 21
 
     report = dict(torch=torch.__version__, num_threads=torch.get_num_threads(), summary=[])
     report["cpu"] = [] if args.gpu_only else bench_cpu(token_counts, repeats)
     if report["cpu"]:
-        print(f"CPU ({torch.get_num_threads()} threads), median of {repeats} runs")
-    print(f"{'shape':<12} {'tokens':>7} {'epmoe ms':>10} {'torch ms':>10} {'speedup':>8} {'target':>7}  baseline")
+        print(f"CPU ({torch.get_num_threads()} threads, {'cpu' if args.timer == 'cpu' else 'wall'} time), median of "
+              f"{repeats} interleaved rounds")
+    print(f"{'shape':<12} {'tokens':>7} {'epmoe ms':>10} {'torch ms':>10} {'speedup':>8} {'target':>7} "
+          f"{'logits GB/s':>12} {'read GB/s':>10}  baseline")
     all_met = True
     for row in report["cpu"]:
         target = row["target"]
@@ -188,7 +204,8 @@ def main():
                                           value=row["speedup"], target=target_text, met=met))
         print(
             f"{row['shape']:<12} {row['num_tokens']:>7} {row['epmoe_ms']:>10.3f} {row['baseline_ms']:>10.3f} "
-            f"{row['speedup']:>7.1f}x {target_text:>7}{'' if met else ' MISSED'}  {row['baseline']}"
+            f"{row['speedup']:>7.1f}x {target_text:>7} {row['logits_gb_per_s']:12.1f} {row['read_gb_per_s']:10.1f}"
+            f"{'' if met else ' MISSED'}  {row['baseline']}"
         )
     if report["cpu"]:
         rec = report["load_recording"] = bench_load_recording(repeats)

@@ -7,6 +7,8 @@
 
 #include <cstdint>
 
+#include "cpp/core/types.h"
+
 namespace epmoe::core {
 
 struct LayoutParams {
@@ -43,6 +45,14 @@ void layout_place(const LayoutParams& p, const int32_t* topk_idx, const int32_t*
 // Rows are row_bytes wide: the gather is a copy, so it is dtype-agnostic. row_to_slot must be validated.
 void permute_rows(const void* x, int64_t row_bytes, const int32_t* row_to_slot, int num_topk, int64_t row_begin,
                   int64_t row_end, void* rows);
+
+// Weighted sum of each token's rows (the unpermute / combine), for tokens [token_begin, token_end):
+//   out[t] = sum_j topk_weights[t, j] * rows[r(t, j)] over the slots with slot_to_row[t, j] >= 0, ascending j,
+//   in fp32 with a separate multiply and add per term (the CUDA kernel's order, so both agree bitwise), rounded
+//   once to `dtype`. r(t, j) = slot_to_row[t, j], or the flat slot t * num_topk + j when rows_by_slot.
+//   rows [*, hidden] and out [num_tokens, hidden] of `dtype`; topk_weights float32 [num_tokens, num_topk].
+void unpermute_rows(DType dtype, const void* rows, int64_t hidden, const int32_t* slot_to_row, bool rows_by_slot,
+                    const float* topk_weights, int num_topk, int64_t token_begin, int64_t token_end, void* out);
 
 // Index of the first value outside [lo, hi) in values[0, n), or -1.
 int64_t find_out_of_range(const int32_t* values, int64_t n, int64_t lo, int64_t hi);

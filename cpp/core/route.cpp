@@ -5,8 +5,13 @@
 // warp butterfly, sequential sums of the k weights. fp-contract is off so that g++ never fuses a multiply and
 // an add that the CUDA side rounds separately (nvcc gets __fmul_rn/__fadd_rn there).
 #pragma GCC optimize("fp-contract=off")
+// The vector helpers below are always inlined into the ISA clones: the vector-argument ABI GCC warns about (for the
+// baseline clone) never applies.
+#pragma GCC diagnostic ignored "-Wpsabi"
 
 #include "cpp/core/route.h"
+
+#include <immintrin.h>
 
 #include <cmath>
 #include <cstring>
@@ -15,6 +20,8 @@
 #include <vector>
 
 #include "cpp/core/check.h"
+#include "cpp/core/cpu_features.h"
+#include "cpp/core/fp_math.h"
 
 namespace epmoe::core {
 
@@ -50,43 +57,33 @@ namespace {
 constexpr int kNumLanes = 32;  // softmax partial sums: lane l owns experts l, l + 32, ... (a CUDA warp's order)
 constexpr float kNegInf = -std::numeric_limits<float>::infinity();
 
-inline float as_float(uint32_t u) { return __builtin_bit_cast(float, u); }
-inline uint32_t as_bits(float f) { return __builtin_bit_cast(uint32_t, f); }
-
-// exp(x) in fp32, within 1 ulp over the whole range; NaN -> NaN, -inf -> 0, +inf -> inf. Branch-free so that
-// g++ vectorises the loops that call it. cuda/route.cu evaluates the identical sequence.
-inline float exp_fp32(float x) {
-    x = x < -120.0f ? -120.0f : x;  // comparisons keep NaN
-    x = x > 90.0f ? 90.0f : x;
-    // t = x*log2(e) rounded to an integer by the 1.5*2^23 shifter; n's bits sit in t's low mantissa
-    const float t = fmaf(x, 1.44269504088896341f, 12582912.0f);
-    const float n = t - 12582912.0f;
-    const int32_t n_int = static_cast<int32_t>(as_bits(t) - 0x4B400000u);
-    float r = fmaf(n, -0.693145751953125f, x);  // ln2 split into an exact high part and a low part
-    r = fmaf(n, -1.428606765330187045e-06f, r);
-    float poly = 1.0f / 5040.0f;  // Taylor series of exp(r), |r| <= ln2/2
-    poly = fmaf(poly, r, 1.0f / 720.0f);
-    poly = fmaf(poly, r, 1.0f / 120.0f);
-    poly = fmaf(poly, r, 1.0f / 24.0f);
-    poly = fmaf(poly, r, 1.0f / 6.0f);
-    poly = fmaf(poly, r, 0.5f);
-    poly = fmaf(poly, r, 1.0f);
-    poly = fmaf(poly, r, 1.0f);
-    // 2^n as two normal factors, so that results in the subnormal range round once
-    const int32_t n_lo = n_int >> 1, n_hi = n_int - n_lo;
-    return poly * as_float(static_cast<uint32_t>(n_lo + 127) << 23) * as_float(static_cast<uint32_t>(n_hi + 127) << 23);
+// lanes[l] = lanes[l] + lanes[l + w] (or their max) for w = 16, 8, 4, 2, 1; returns lanes[0]. The order of a warp's xor
+// butterfly, on vectors (GCC vector extensions: whatever the clone's ISA).
+template <bool kSum, typename V>
+[[gnu::always_inline]] inline V lane_op(V a, V b) {
+    if constexpr (kSum) {
+        return a + b;
+    } else {
+        return b > a ? b : a;
+    }
 }
 
-inline float bf16_to_float(uint16_t h) { return as_float(static_cast<uint32_t>(h) << 16); }
-
-// Exact IEEE half -> float, subnormals and NaN payloads included, branch-free.
-inline float fp16_to_float(uint16_t h) {
-    const uint32_t sign = static_cast<uint32_t>(h & 0x8000u) << 16;
-    const uint32_t exp_mant = h & 0x7fffu;
-    // Normal and subnormal halves: shift into place, then rebias by 2^(127 - 15) (exact)
-    const float finite = as_float(exp_mant << 13) * 0x1p112f;
-    const uint32_t special = 0x7f800000u | ((exp_mant & 0x3ffu) << 13);
-    return as_float(sign | (exp_mant >= 0x7c00u ? special : as_bits(finite)));
+template <bool kSum>
+inline float lane_tree(const float* lanes) {
+    static_assert(kNumLanes == 32);
+    typedef float V16 __attribute__((vector_size(64)));
+    typedef float V8 __attribute__((vector_size(32)));
+    typedef float V4 __attribute__((vector_size(16)));
+    typedef float V2 __attribute__((vector_size(8)));
+    V16 lo, hi;
+    std::memcpy(&lo, lanes, sizeof(V16));
+    std::memcpy(&hi, lanes + 16, sizeof(V16));
+    const V16 a = lane_op<kSum>(lo, hi);
+    const V8 b = lane_op<kSum>(__builtin_shufflevector(a, a, 0, 1, 2, 3, 4, 5, 6, 7),
+                               __builtin_shufflevector(a, a, 8, 9, 10, 11, 12, 13, 14, 15));
+    const V4 c = lane_op<kSum>(__builtin_shufflevector(b, b, 0, 1, 2, 3), __builtin_shufflevector(b, b, 4, 5, 6, 7));
+    const V2 d = lane_op<kSum>(__builtin_shufflevector(c, c, 0, 1), __builtin_shufflevector(c, c, 2, 3));
+    return lane_op<kSum>(d[0], d[1]);
 }
 
 // Stable insertion of (value, idx) into the descending list (values, ids) of size num_kept < capacity, or
@@ -108,13 +105,71 @@ inline void insert_sorted(float* values, int32_t* ids, int& num_kept, int capaci
     ids[pos] = idx;
 }
 
+// Copies the (value, id) pairs with value >= threshold, in index order, to (survivor_values, survivor_ids), 16 at a
+// time; returns their number. The outputs need 16 entries of slack (whole vectors are stored).
+__attribute__((target("avx512f"))) int compact_avx512(const float* __restrict values, const int32_t* __restrict ids,
+                                                       int n, float threshold, float* __restrict survivor_values,
+                                                       int32_t* __restrict survivor_ids) {
+    const __m512 thr = _mm512_set1_ps(threshold);
+    __m512i iota = _mm512_setr_epi32(0, 1, 2, 3, 4, 5, 6, 7, 8, 9, 10, 11, 12, 13, 14, 15);
+    int num = 0;
+    for (int i = 0; i < n; i += 16) {
+        const __mmask16 valid = n - i >= 16 ? 0xffff : static_cast<__mmask16>((1u << (n - i)) - 1u);
+        const __m512 v = _mm512_maskz_loadu_ps(valid, values + i);
+        const __m512i id = ids != nullptr ? _mm512_maskz_loadu_epi32(valid, ids + i) : iota;
+        const __mmask16 keep = _mm512_mask_cmp_ps_mask(valid, v, thr, _CMP_GE_OQ);
+        _mm512_storeu_ps(survivor_values + num, _mm512_maskz_compress_ps(keep, v));
+        _mm512_storeu_si512(survivor_ids + num, _mm512_maskz_compress_epi32(keep, id));
+        num += __builtin_popcount(keep);
+        iota = _mm512_add_epi32(iota, _mm512_set1_epi32(16));
+    }
+    return num;
+}
+
+// The ranking of select_topk for n <= 64 survivors (in index order), 16 of them per vector: rank(a) = #{b : v_b > v_a
+// or (v_b == v_a and b < a)}; entries of rank < k go to (top_values, top_ids). The inputs need 16 entries of slack.
+__attribute__((target("avx512f"))) void rank_select_avx512(const float* __restrict values,
+                                                           const int32_t* __restrict ids, int n, int k,
+                                                           float* __restrict top_values, int32_t* __restrict top_ids) {
+    constexpr int kMaxBlocks = 4;
+    const int num_blocks = (n + 15) / 16;
+    __m512 v[kMaxBlocks];
+    __m512i pos[kMaxBlocks], rank[kMaxBlocks];
+    for (int c = 0; c < kMaxBlocks; ++c) {
+        v[c] = c < num_blocks ? _mm512_loadu_ps(values + 16 * c) : _mm512_setzero_ps();
+        pos[c] = _mm512_add_epi32(_mm512_setr_epi32(0, 1, 2, 3, 4, 5, 6, 7, 8, 9, 10, 11, 12, 13, 14, 15),
+                                  _mm512_set1_epi32(16 * c));
+        rank[c] = _mm512_setzero_si512();
+    }
+    const __m512i one = _mm512_set1_epi32(1);
+    for (int b = 0; b < n; ++b) {
+        const __m512 vb = _mm512_set1_ps(values[b]);
+        const __m512i ib = _mm512_set1_epi32(b);
+        for (int c = 0; c < num_blocks; ++c) {
+            const __mmask16 before = _mm512_cmp_ps_mask(vb, v[c], _CMP_GT_OQ) |
+                                     (_mm512_cmp_ps_mask(vb, v[c], _CMP_EQ_OQ) & _mm512_cmplt_epi32_mask(ib, pos[c]));
+            rank[c] = _mm512_mask_add_epi32(rank[c], before, rank[c], one);
+        }
+    }
+    for (int c = 0; c < num_blocks; ++c) {
+        alignas(64) int32_t r[16];
+        _mm512_store_si512(r, rank[c]);
+        for (int l = 0; l < 16 && 16 * c + l < n; ++l) {
+            if (r[l] < k) {
+                top_values[r[l]] = values[16 * c + l];
+                top_ids[r[l]] = ids[16 * c + l];
+            }
+        }
+    }
+}
+
 // Top-k of values[0, n) by (value desc, index asc) into (top_values, top_ids), ids mapped through `ids` when
 // given; scratch holds n floats and n ints. NOTES: the k-th largest of 16 lane maxima is a lower bound of the
 // k-th largest value (k lane maxima are >= it), so everything below it can be dropped without changing the
 // result; the few survivors are then ranked branch-free.
 inline void select_topk(const float* __restrict values, const int32_t* __restrict ids, int n, int k,
                         float* __restrict top_values, int32_t* __restrict top_ids, float* __restrict survivor_values,
-                        int32_t* __restrict survivor_ids) {
+                        int32_t* __restrict survivor_ids, bool use_avx512) {
     constexpr int kNumFilterLanes = 16, kMaxRanked = 64;
     float threshold = kNegInf;
     if (k <= kNumFilterLanes and n >= 2 * kNumFilterLanes) {
@@ -140,13 +195,21 @@ inline void select_topk(const float* __restrict values, const int32_t* __restric
         }
     }
     int num_survivors = 0;
-    for (int i = 0; i < n; ++i) {
-        survivor_values[num_survivors] = values[i];
-        survivor_ids[num_survivors] = ids != nullptr ? ids[i] : i;
-        num_survivors += values[i] >= threshold;
+    if (use_avx512) {
+        num_survivors = compact_avx512(values, ids, n, threshold, survivor_values, survivor_ids);
+    } else {
+        for (int i = 0; i < n; ++i) {
+            survivor_values[num_survivors] = values[i];
+            survivor_ids[num_survivors] = ids != nullptr ? ids[i] : i;
+            num_survivors += values[i] >= threshold;
+        }
     }
     if (num_survivors <= kMaxRanked) {
         // Rank of a = number of survivors ordered before it; ranks are distinct (survivors are in index order)
+        if (use_avx512) {
+            rank_select_avx512(survivor_values, survivor_ids, num_survivors, k, top_values, top_ids);
+            return;
+        }
         for (int a = 0; a < num_survivors; ++a) {
             const float v = survivor_values[a];
             int rank = 0;
@@ -164,8 +227,45 @@ inline void select_topk(const float* __restrict values, const int32_t* __restric
     }
 }
 
+// top2(a ∪ b) = (max(a1, b1), max(min(a1, b1), max(a2, b2))), lane by lane (scalars or GCC vectors).
+template <typename V>
+[[gnu::always_inline]] inline void merge_top2(V a1, V a2, V b1, V b2, V& first, V& second) {
+    const V lower = a1 < b1 ? a1 : b1;
+    const V second_max = a2 > b2 ? a2 : b2;
+    first = a1 > b1 ? a1 : b1;
+    second = lower > second_max ? lower : second_max;
+}
+
 // Largest and second largest of values[0, n) (a repeated maximum counts twice), lane-parallel then tree-merged.
+// max / min are exact, so the lane split changes no value (up to the sign of a zero, which no comparison sees).
 inline void top2(const float* __restrict values, int n, float& first, float& second) {
+    if (n % 16 == 0) {  // 16 lanes (one zmm, or two ymm): the DeepSeek group sizes
+        typedef float V16 __attribute__((vector_size(64)));
+        typedef float V8 __attribute__((vector_size(32)));
+        typedef float V4 __attribute__((vector_size(16)));
+        typedef float V2 __attribute__((vector_size(8)));
+        V16 f, sec = V16{} + kNegInf;
+        std::memcpy(&f, values, sizeof(V16));
+        for (int base = 16; base < n; base += 16) {
+            V16 v;
+            std::memcpy(&v, values + base, sizeof(V16));
+            const V16 lower = v < f ? v : f;
+            sec = lower > sec ? lower : sec;
+            f = v > f ? v : f;
+        }
+        V8 f8, s8;
+        merge_top2(__builtin_shufflevector(f, f, 0, 1, 2, 3, 4, 5, 6, 7), __builtin_shufflevector(sec, sec, 0, 1, 2, 3, 4, 5, 6, 7),
+                   __builtin_shufflevector(f, f, 8, 9, 10, 11, 12, 13, 14, 15),
+                   __builtin_shufflevector(sec, sec, 8, 9, 10, 11, 12, 13, 14, 15), f8, s8);
+        V4 f4, s4;
+        merge_top2(__builtin_shufflevector(f8, f8, 0, 1, 2, 3), __builtin_shufflevector(s8, s8, 0, 1, 2, 3),
+                   __builtin_shufflevector(f8, f8, 4, 5, 6, 7), __builtin_shufflevector(s8, s8, 4, 5, 6, 7), f4, s4);
+        V2 f2, s2;
+        merge_top2(__builtin_shufflevector(f4, f4, 0, 1), __builtin_shufflevector(s4, s4, 0, 1),
+                   __builtin_shufflevector(f4, f4, 2, 3), __builtin_shufflevector(s4, s4, 2, 3), f2, s2);
+        merge_top2(f2[0], s2[0], f2[1], s2[1], first, second);
+        return;
+    }
     constexpr int kNumTop2Lanes = 8;
     float lane_first[kNumTop2Lanes], lane_second[kNumTop2Lanes];
     for (int l = 0; l < kNumTop2Lanes; ++l)
@@ -185,15 +285,10 @@ inline void top2(const float* __restrict values, int n, float& first, float& sec
         lane_second[l] = lower > lane_second[l] ? lower : lane_second[l];
         lane_first[l] = v > lane_first[l] ? v : lane_first[l];
     }
-    // top2(a ∪ b) = (max(a1, b1), max(min(a1, b1), max(a2, b2)))
     for (int width = kNumTop2Lanes / 2; width > 0; width /= 2) {
         for (int l = 0; l < width; ++l) {
-            const float a1 = lane_first[l], b1 = lane_first[l + width];
-            const float a2 = lane_second[l], b2 = lane_second[l + width];
-            const float lower = a1 < b1 ? a1 : b1;
-            const float second_max = a2 > b2 ? a2 : b2;
-            lane_first[l] = a1 > b1 ? a1 : b1;
-            lane_second[l] = lower > second_max ? lower : second_max;
+            merge_top2(lane_first[l], lane_second[l], lane_first[l + width], lane_second[l + width], lane_first[l],
+                       lane_second[l]);
         }
     }
     first = lane_first[0];
@@ -210,7 +305,7 @@ struct Scratch {
 // One token: logits row -> (topk_weights, topk_idx). Cloned per ISA; the helpers above inline into each clone.
 __attribute__((target_clones("arch=x86-64-v4", "arch=x86-64-v3", "default"))) void route_range(
     const void* logits, DType dtype, const float* bias, const RouteParams& p, float* topk_weights, int32_t* topk_idx,
-    int64_t token_begin, int64_t token_end, Scratch& scratch) {
+    int64_t token_begin, int64_t token_end, Scratch& scratch, bool use_avx512) {
     const int num_experts = p.num_experts, num_topk = p.num_topk, num_groups = p.num_groups;
     const int num_per_group = num_experts / num_groups;
     float* __restrict x = scratch.x.data();
@@ -253,9 +348,7 @@ __attribute__((target_clones("arch=x86-64-v4", "arch=x86-64-v3", "default"))) vo
                     lane_max[l] = row[base + l] > lane_max[l] ? row[base + l] : lane_max[l];
             for (int l = 0; base + l < num_experts; ++l)
                 lane_max[l] = row[base + l] > lane_max[l] ? row[base + l] : lane_max[l];
-            float row_max = kNegInf;
-            for (int l = 0; l < kNumLanes; ++l)
-                row_max = lane_max[l] > row_max ? lane_max[l] : row_max;
+            const float row_max = lane_tree</*kSum=*/false>(lane_max);
 
             for (int i = 0; i < num_experts; ++i)
                 scores[i] = exp_fp32(row[i] - row_max);
@@ -265,10 +358,7 @@ __attribute__((target_clones("arch=x86-64-v4", "arch=x86-64-v3", "default"))) vo
             for (int l = 0; base + l < num_experts; ++l)
                 lane_sum[l] += scores[base + l];
             // Butterfly merge (xor 16, 8, 4, 2, 1), the order of a warp reduction
-            for (int offset = kNumLanes / 2; offset > 0; offset /= 2)
-                for (int l = 0; l < offset; ++l)
-                    lane_sum[l] += lane_sum[l + offset];
-            const float inv_sum = 1.0f / lane_sum[0];
+            const float inv_sum = 1.0f / lane_tree</*kSum=*/true>(lane_sum);
             for (int i = 0; i < num_experts; ++i)
                 scores[i] *= inv_sum;
         }
@@ -286,7 +376,8 @@ __attribute__((target_clones("arch=x86-64-v4", "arch=x86-64-v3", "default"))) vo
 
         // Top-k over the experts of the kept groups
         if (num_groups == 1) {
-            select_topk(sel, nullptr, num_experts, num_topk, top_values, top_ids, survivor_values, survivor_ids);
+            select_topk(sel, nullptr, num_experts, num_topk, top_values, top_ids, survivor_values, survivor_ids,
+                        use_avx512);
         } else {
             float* __restrict group_scores = scratch.group_scores.data();
             uint8_t* __restrict group_kept = scratch.group_kept.data();
@@ -298,7 +389,7 @@ __attribute__((target_clones("arch=x86-64-v4", "arch=x86-64-v3", "default"))) vo
                 group_kept[g] = 0;
             }
             select_topk(group_scores, nullptr, num_groups, p.num_topk_groups, top_values, top_ids, survivor_values,
-                        survivor_ids);
+                        survivor_ids, use_avx512);
             for (int j = 0; j < p.num_topk_groups; ++j)
                 group_kept[top_ids[j]] = 1;
             // Candidates: the kept groups' experts, compacted in ascending expert order (sel reused in place)
@@ -313,7 +404,7 @@ __attribute__((target_clones("arch=x86-64-v4", "arch=x86-64-v3", "default"))) vo
                 }
             }
             select_topk(sel, candidate_ids, num_candidates, num_topk, top_values, top_ids, survivor_values,
-                        survivor_ids);
+                        survivor_ids, use_avx512);
         }
 
         // Weights from the unbiased scores
@@ -326,12 +417,12 @@ __attribute__((target_clones("arch=x86-64-v4", "arch=x86-64-v3", "default"))) vo
             weight_sum += out_weights[j];
         }
         const float denom = weight_sum + 1e-20f;
-        for (int j = 0; j < num_topk; ++j) {
-            float w = out_weights[j];
-            if (p.renormalize)
-                w = w / denom;
-            out_weights[j] = w * p.scaling_factor;
+        if (p.renormalize) {
+            for (int j = 0; j < num_topk; ++j)
+                out_weights[j] = out_weights[j] / denom;
         }
+        for (int j = 0; j < num_topk; ++j)
+            out_weights[j] *= p.scaling_factor;
     }
 }
 
@@ -357,9 +448,10 @@ void route_cpu(const void* logits, DType dtype, const float* bias, const RoutePa
     scratch.top_values.resize(capacity);
     scratch.top_ids.resize(capacity);
     scratch.candidate_ids.resize(num_experts);
-    scratch.survivor_values.resize(num_experts);
-    scratch.survivor_ids.resize(num_experts);
-    route_range(logits, dtype, bias, p, topk_weights, topk_idx, token_begin, token_end, scratch);
+    scratch.survivor_values.resize(num_experts + 16);  // + slack for whole-vector stores
+    scratch.survivor_ids.resize(num_experts + 16);
+    route_range(logits, dtype, bias, p, topk_weights, topk_idx, token_begin, token_end, scratch,
+                cpu_features().avx512);
 }
 
 }  // namespace epmoe::core

@@ -8,6 +8,7 @@
 
 #include <limits>
 #include <optional>
+#include <utility>
 
 #include "cpp/torch/dtype_name.h"
 
@@ -146,6 +147,31 @@ inline void check_swiglu_backward_args(const at::Tensor& grad_h, const at::Tenso
     check_same_device(grad_h, "grad_h", gu, "gu");
     TORCH_CHECK_VALUE(gu.size(0) == grad_h.size(0) && gu.size(1) == 2 * grad_h.size(1), "gu must have shape [",
                       grad_h.size(0), ", ", 2 * grad_h.size(1), "] (rows, 2 * I), got ", gu.sizes());
+}
+
+// fused_experts_forward: x [T, H], topk_idx int32 [T, k], topk_weights float32 [T, k], w13 [E, 2I, H], w2 [E, H, I].
+inline void check_fused_experts_args(const at::Tensor& x, const at::Tensor& topk_idx, const at::Tensor& topk_weights,
+                                     const at::Tensor& w13, const at::Tensor& w2) {
+    check_float(x, "x", 2);
+    check_typed(topk_idx, "topk_idx", at::kInt, 2);
+    check_typed(topk_weights, "topk_weights", at::kFloat, 2);
+    check_float(w13, "w13", 3);
+    check_float(w2, "w2", 3);
+    for (const auto& [t, name] : {std::pair{&topk_idx, "topk_idx"}, {&topk_weights, "topk_weights"}, {&w13, "w13"},
+                                  {&w2, "w2"}}) {
+        check_same_device(*t, name, x, "x");
+    }
+    check_same_dtype(w13, "w13", x, "x");
+    check_same_dtype(w2, "w2", x, "x");
+    TORCH_CHECK_VALUE(topk_idx.size(0) == x.size(0), "topk_idx must have ", x.size(0), " rows (x.size(0)), got shape ",
+                      topk_idx.sizes());
+    TORCH_CHECK_VALUE(topk_weights.sizes() == topk_idx.sizes(), "topk_weights must have the shape of topk_idx ",
+                      topk_idx.sizes(), ", got ", topk_weights.sizes());
+    TORCH_CHECK_VALUE(w13.size(1) % 2 == 0 && w13.size(2) == x.size(1), "w13 must have shape [num_experts, 2 * I, ",
+                      x.size(1), "] (gate rows then up rows), got ", w13.sizes());
+    TORCH_CHECK_VALUE(w2.size(0) == w13.size(0) && w2.size(1) == x.size(1) && w2.size(2) == w13.size(1) / 2,
+                      "w2 must have shape [num_experts, H, I] = [", w13.size(0), ", ", x.size(1), ", ",
+                      w13.size(1) / 2, "], got ", w2.sizes());
 }
 
 }  // namespace epmoe::experts

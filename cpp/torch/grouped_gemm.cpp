@@ -1,10 +1,9 @@
 // epmoe::grouped_swiglu / grouped_gemm / grouped_gemm_wgrad / swiglu_backward: schemas and CPU impls.
 //
-// CPU plan: the work of every non-empty expert segment is cut into (expert, row tile, column tile) items so that
-// decode (a few rows per expert) and prefill (hundreds) both give every core work; items run under
-// at::parallel_for and each calls the platform GEMM (MKL / oneDNN via at::mm_out) on segment views, writing into
-// the output buffer. Inside a parallel region the GEMM runs single-threaded, so the items do not oversubscribe.
-// Empty experts produce no item.
+// The forward GEMMs (grouped_swiglu, grouped_gemm with trans_w) run through cpp/torch/expert_cpu.h (native
+// micro-kernels or at::mm per item); the backward-only GEMMs (grouped_gemm without trans_w, grouped_gemm_wgrad)
+// call at::mm_out per item of the same item scheme. Inside a parallel region the GEMM runs single-threaded, so the
+// items do not oversubscribe. Empty experts produce no item.
 #include <ATen/Parallel.h>
 #include <ATen/ThreadLocalState.h>
 #include <ATen/core/Tensor.h>
@@ -14,141 +13,67 @@
 #include <ATen/ops/mul.h>
 #include <ATen/ops/rsub.h>
 #include <ATen/ops/sigmoid.h>
-#include <ATen/ops/silu.h>
 #include <torch/library.h>
 
 #include <algorithm>
-#include <atomic>
-#include <functional>
 #include <limits>
 #include <vector>
 
+#include "cpp/torch/expert_cpu.h"
 #include "cpp/torch/experts_common.h"
 
 namespace epmoe {
 namespace {
 
-constexpr int64_t kRowTile = 256;    // rows of one item: bounds the per-item fp32 scratch
-constexpr int64_t kMinColTile = 64;  // narrower column tiles make the GEMM inefficient
-
-struct Item {
-    int64_t expert, row_begin, row_end, col_begin, col_end;
-};
-
-// Reads and validates the offsets (0 = [0] <= ... <= [E] <= num_rows) on the host.
-std::vector<int64_t> read_offsets(const at::Tensor& expert_offsets, int64_t num_rows) {
-    const int64_t* off = expert_offsets.data_ptr<int64_t>();
-    std::vector<int64_t> v(off, off + expert_offsets.numel());
-    TORCH_CHECK_VALUE(v[0] == 0, "expert_offsets[0] must be 0, got ", v[0]);
-    for (size_t e = 1; e < v.size(); ++e) {
-        TORCH_CHECK_VALUE(v[e] >= v[e - 1], "expert_offsets must be non-decreasing, got ", v[e - 1], " then ", v[e],
-                          " at index ", e);
-    }
-    TORCH_CHECK_VALUE(v.back() <= num_rows, "expert_offsets[-1] must be <= the number of rows ", num_rows, ", got ",
-                      v.back());
-    return v;
-}
-
-// Cuts the non-empty segments into row tiles of <= kRowTile rows, then splits the columns [0, num_cols) evenly
-// until there are a few items per thread (so the decode regime, ~1 tile per expert, still spreads).
-std::vector<Item> make_items(const std::vector<int64_t>& off, int64_t num_cols, int64_t row_tile) {
-    std::vector<Item> row_items;
-    for (size_t e = 0; e + 1 < off.size(); ++e) {
-        for (int64_t r = off[e]; r < off[e + 1];) {
-            const int64_t end = r + std::min(off[e + 1] - r, row_tile);
-            row_items.push_back({static_cast<int64_t>(e), r, end, 0, num_cols});
-            r = end;
-        }
-    }
-    const int64_t target = 4 * static_cast<int64_t>(at::get_num_threads());
-    int64_t num_splits = 1;
-    if (!row_items.empty()) {
-        num_splits = (target + static_cast<int64_t>(row_items.size()) - 1) / static_cast<int64_t>(row_items.size());
-        num_splits = std::clamp<int64_t>(num_splits, 1, std::max<int64_t>(1, num_cols / kMinColTile));
-    }
-    const int64_t col_tile = (num_cols + num_splits - 1) / num_splits;
-    std::vector<Item> items;
-    items.reserve(row_items.size() * num_splits);
-    for (const Item& it : row_items) {
-        for (int64_t c = 0; c < num_cols; c += col_tile) {
-            items.push_back({it.expert, it.row_begin, it.row_end, c, std::min(num_cols, c + col_tile)});
-        }
-    }
-    return items;
-}
-
-// Runs the items on the intra-op threads, each thread taking the next unclaimed item (segments differ in size
-// under skewed routing, so a static split of the item list would leave a core idle).
-void run_items(const std::vector<Item>& items, const std::function<void(const Item&)>& fn) {
-    const int64_t num_items = static_cast<int64_t>(items.size());
-    const int64_t num_workers = std::min<int64_t>(at::get_num_threads(), num_items);
-    std::atomic<int64_t> next{0};
-    // NOTES: the ATen calls in the workers must see the caller's thread-local state (grad mode off, autograd keys
-    // excluded inside an op); OpenMP worker threads start without it.
-    const at::ThreadLocalState state;
-    at::parallel_for(0, num_workers, 1, [&](int64_t begin, int64_t end) {
-        const at::ThreadLocalStateGuard state_guard(state);
-        for (int64_t w = begin; w < end; ++w) {
-            for (int64_t i = next.fetch_add(1); i < num_items; i = next.fetch_add(1)) fn(items[i]);
-        }
-    });
-}
+constexpr int64_t kRowTile = 256;    // rows of one at::mm item
+constexpr int64_t kColAlign = 32;    // at::mm items: column chunks of >= 64 columns
 
 // Zeroes rows [begin, num_rows) of a 2-D contiguous buffer (the padding rows of an op output).
 void zero_rows(at::Tensor& t, int64_t begin) {
     if (begin < t.size(0)) t.narrow(0, begin, t.size(0) - begin).zero_();
 }
 
+// Pointers to the rows [0, num_rows) of a contiguous 2-D tensor.
+std::vector<void*> row_pointers(const at::Tensor& t, int64_t num_rows) {
+    std::vector<void*> rows(static_cast<size_t>(num_rows));
+    char* base = static_cast<char*>(t.data_ptr());
+    const int64_t row_bytes = t.size(1) * static_cast<int64_t>(t.element_size());
+    for (int64_t r = 0; r < num_rows; ++r) rows[r] = base + r * row_bytes;
+    return rows;
+}
+
 at::Tensor grouped_swiglu_cpu(const at::Tensor& x, const at::Tensor& expert_offsets, const at::Tensor& w13) {
     experts::check_swiglu_args(x, expert_offsets, w13);
-    const std::vector<int64_t> off = read_offsets(expert_offsets, x.size(0));
-    const int64_t inter = w13.size(1) / 2;
-    auto h = at::empty({x.size(0), inter}, x.options());
+    const std::vector<int64_t> off = cpu::read_offsets(expert_offsets, x.size(0));
+    auto h = at::empty({x.size(0), w13.size(1) / 2}, x.options());
     zero_rows(h, off.back());
-    const std::vector<Item> items = make_items(off, inter, kRowTile);
-    run_items(items, [&](const Item& it) {
-        const int64_t m = it.row_end - it.row_begin, n = it.col_end - it.col_begin;
-        const at::Tensor x_tile = x.narrow(0, it.row_begin, m);
-        const at::Tensor w_e = w13.select(0, it.expert);
-        at::Tensor gate, up;
-        if (n == inter) {  // one GEMM over the gate and up rows together
-            const at::Tensor gu = at::mm(x_tile, w_e.t());
-            gate = gu.narrow(1, 0, inter);
-            up = gu.narrow(1, inter, inter);
-        } else {
-            gate = at::mm(x_tile, w_e.narrow(0, it.col_begin, n).t());
-            up = at::mm(x_tile, w_e.narrow(0, inter + it.col_begin, n).t());
-        }
-        // NOTES: the GEMM accumulates in fp32; for bf16/fp16 its result is rounded to the input dtype once (the
-        // CPU BLAS offers no fp32 output for 16-bit inputs through ATen). The activation then runs in fp32 on
-        // the cache-resident tile (vectorised ATen kernels) and is rounded once into h.
-        at::Tensor act = gate.to(at::kFloat);
-        at::silu_(act);
-        act.mul_(up);
-        h.narrow(0, it.row_begin, m).narrow(1, it.col_begin, n).copy_(act);
-    });
+    const std::vector<void*> x_rows = row_pointers(x, off.back()), h_rows = row_pointers(h, off.back());
+    cpu::swiglu_segments(off, x_rows.data(), w13, h_rows.data());
     return h;
 }
 
 at::Tensor grouped_gemm_cpu(const at::Tensor& a, const at::Tensor& expert_offsets, const at::Tensor& w, bool trans_w) {
     experts::check_gemm_args(a, expert_offsets, w, trans_w);
-    const std::vector<int64_t> off = read_offsets(expert_offsets, a.size(0));
+    const std::vector<int64_t> off = cpu::read_offsets(expert_offsets, a.size(0));
     const int64_t num_cols = trans_w ? w.size(1) : w.size(2);
     auto out = at::empty({a.size(0), num_cols}, a.options());
     zero_rows(out, off.back());
-    run_items(make_items(off, num_cols, kRowTile), [&](const Item& it) {
+    if (trans_w) {
+        const std::vector<void*> a_rows = row_pointers(a, off.back()), out_rows = row_pointers(out, off.back());
+        cpu::gemm_segments(off, a_rows.data(), w, out_rows.data());
+        return out;
+    }
+    cpu::run_items(cpu::make_items(off, num_cols, kRowTile, kColAlign), [&](const cpu::Item& it) {
         const int64_t m = it.row_end - it.row_begin, n = it.col_end - it.col_begin;
-        const at::Tensor w_e = w.select(0, it.expert);
-        const at::Tensor b = trans_w ? w_e.narrow(0, it.col_begin, n).t() : w_e.narrow(1, it.col_begin, n);
         at::Tensor dst = out.narrow(0, it.row_begin, m).narrow(1, it.col_begin, n);
-        at::mm_out(dst, a.narrow(0, it.row_begin, m), b);
+        at::mm_out(dst, a.narrow(0, it.row_begin, m), w.select(0, it.expert).narrow(1, it.col_begin, n));
     });
     return out;
 }
 
 at::Tensor grouped_gemm_wgrad_cpu(const at::Tensor& grad_out, const at::Tensor& a, const at::Tensor& expert_offsets) {
     experts::check_wgrad_args(grad_out, a, expert_offsets);
-    const std::vector<int64_t> off = read_offsets(expert_offsets, a.size(0));
+    const std::vector<int64_t> off = cpu::read_offsets(expert_offsets, a.size(0));
     const int64_t num_experts = expert_offsets.size(0) - 1, n_dim = grad_out.size(1), k_dim = a.size(1);
     auto out = at::empty({num_experts, n_dim, k_dim}, a.options());
     for (int64_t e = 0; e < num_experts; ++e) {
@@ -157,7 +82,7 @@ at::Tensor grouped_gemm_wgrad_cpu(const at::Tensor& grad_out, const at::Tensor& 
     // One item covers all rows of its expert (a single fp32-accumulated GEMM per output tile); the output
     // rows (N) are split for parallelism.
     const int64_t whole_segments = std::numeric_limits<int64_t>::max();
-    run_items(make_items(off, n_dim, whole_segments), [&](const Item& it) {
+    cpu::run_items(cpu::make_items(off, n_dim, whole_segments, kColAlign), [&](const cpu::Item& it) {
         const int64_t m = it.row_end - it.row_begin, n = it.col_end - it.col_begin;
         at::Tensor dst = out.select(0, it.expert).narrow(0, it.col_begin, n);
         at::mm_out(dst, grad_out.narrow(0, it.row_begin, m).narrow(1, it.col_begin, n).t(),

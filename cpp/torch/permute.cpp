@@ -114,25 +114,15 @@ at::Tensor moe_unpermute_cpu(const at::Tensor& rows, const at::Tensor& slot_to_r
     auto out = at::empty({num_tokens, hidden}, rows.options());
     const int32_t* s2r = slot_to_row.data_ptr<int32_t>();
     const float* w = topk_weights.data_ptr<float>();
-    AT_DISPATCH_FLOATING_TYPES_AND2(at::kBFloat16, at::kHalf, rows.scalar_type(), "moe_unpermute", [&] {
-        const scalar_t* rows_ptr = rows.data_ptr<scalar_t>();
-        scalar_t* out_ptr = out.data_ptr<scalar_t>();
-        at::parallel_for(0, num_tokens, token_grain(hidden, num_topk), [&](int64_t begin, int64_t end) {
-            std::vector<float> acc(hidden);
-            for (int64_t t = begin; t < end; ++t) {
-                std::fill(acc.begin(), acc.end(), 0.0f);
-                // NOTES: ascending j, fp32: the same order as the CUDA kernel, so both agree bitwise on fp32 sums.
-                for (int64_t j = 0; j < num_topk; ++j) {
-                    const int32_t r = s2r[t * num_topk + j];
-                    if (r < 0) continue;
-                    const float wj = w[t * num_topk + j];
-                    const scalar_t* src = rows_ptr + r * hidden;
-                    for (int64_t h = 0; h < hidden; ++h) acc[h] += wj * static_cast<float>(src[h]);
-                }
-                scalar_t* dst = out_ptr + t * hidden;
-                for (int64_t h = 0; h < hidden; ++h) dst[h] = static_cast<scalar_t>(acc[h]);
-            }
-        });
+    const void* rows_ptr = rows.data_ptr();
+    void* out_ptr = out.data_ptr();
+    const DType dtype = rows.scalar_type() == at::kFloat      ? DType::kFloat32
+                        : rows.scalar_type() == at::kBFloat16 ? DType::kBFloat16
+                                                              : DType::kFloat16;
+    // NOTES: ascending j, fp32, no FMA: the same order as the CUDA kernel, so both agree bitwise on fp32 sums.
+    at::parallel_for(0, num_tokens, token_grain(hidden, num_topk), [&](int64_t begin, int64_t end) {
+        core::unpermute_rows(dtype, rows_ptr, hidden, s2r, /*rows_by_slot=*/false, w, static_cast<int>(num_topk), begin,
+                             end, out_ptr);
     });
     return out;
 }

@@ -162,6 +162,12 @@ def _swiglu_backward_fake(grad_h, gu):
     return torch.empty_like(gu)
 
 
+@torch.library.register_fake("epmoe::fused_experts_forward")
+def _fused_experts_forward_fake(x, topk_idx, topk_weights, w13, w2, expert_map):
+    torch._check(x.dim() == 2, lambda: "x must be 2-D [num_tokens, hidden]")
+    return torch.empty_like(x)
+
+
 # ---------------------------------------------------------------------------------------------------------------
 # Autograd
 
@@ -325,6 +331,10 @@ def experts_forward(
         expert_map = expert_map.to(torch.int32).contiguous()
     topk_idx = topk_idx.to(torch.int32).contiguous()
     topk_weights = topk_weights.to(torch.float32).contiguous()
+    if not torch.is_grad_enabled() or not any(t.requires_grad for t in (x, topk_weights, w13, w2)):
+        # Inference: one op, no permuted copy of x and no saved activations (same values as the path below).
+        return _ops.fused_experts_forward(x.contiguous(), topk_idx, topk_weights, w13.contiguous(), w2.contiguous(),
+                                          expert_map)
     num_topk = topk_idx.shape[1]
     with torch.no_grad():
         _, expert_offsets, slot_to_row, row_to_slot = _ops.moe_layout(topk_idx, w13.shape[0], expert_map)

@@ -446,7 +446,8 @@ class MoE(nn.Module):
             dispatched = work.wait()
             expert_out = grouped_swiglu_experts(dispatched.recv_x, dispatched.expert_offsets, self.w13, self.w2)
             routed = self.ep.combine(expert_out, dispatched.handle)
-        out = routed if shared is None else routed + shared
+        # In place: `routed` is a fresh tensor no autograd node saved, and a new [T, H] buffer costs page faults.
+        out = routed if shared is None else routed.add_(shared)
         if self.training:
             self._num_training_forwards += 1
             if cfg.eplb_interval > 0 and self._num_training_forwards % cfg.eplb_interval == 0:

@@ -1,0 +1,222 @@
+#include "cpp/torch/expert_cpu.h"
+
+#include <ATen/Parallel.h>
+#include <ATen/ThreadLocalState.h>
+#include <ATen/ops/empty.h>
+#include <ATen/ops/from_blob.h>
+#include <ATen/ops/mm.h>
+#include <c10/util/Exception.h>
+
+#include <algorithm>
+#include <atomic>
+#include <cstdlib>
+#include <cstring>
+#include <functional>
+#include <string>
+
+#include "cpp/core/cpu_features.h"
+#include "cpp/core/expert_gemm.h"
+#include "cpp/core/gemm_nt.h"
+#include "cpp/core/gemm_panel.h"
+#include "cpp/torch/cpu_scratch.h"
+#include "cpp/torch/dtype_name.h"
+
+namespace epmoe::cpu {
+namespace {
+
+constexpr int64_t kSwigluColAlign = 6;     // h columns of a native SwiGLU tile
+constexpr int64_t kGemmColAlign = 12;      // output columns of a native GEMM tile
+constexpr int64_t kPanelBudget = 768 << 10;  // bytes of packed rows per item: they stay in L2 while reused
+
+enum class Mode { kAuto, kNative, kAten };
+enum class Backend { kNative, kAten };
+
+Mode read_mode() {
+    const char* env = std::getenv("EPMOE_CPU_GEMM");
+    const std::string v = env == nullptr ? "" : env;
+    if (v.empty() || v == "auto") return Mode::kAuto;
+    if (v == "native") return Mode::kNative;
+    if (v == "aten") return Mode::kAten;
+    TORCH_CHECK_VALUE(false, "EPMOE_CPU_GEMM must be 'auto', 'native' or 'aten', got '", v, "'");
+}
+
+DType core_dtype(at::ScalarType t) {
+    return t == at::kFloat ? DType::kFloat32 : t == at::kBFloat16 ? DType::kBFloat16 : DType::kFloat16;
+}
+
+bool native_available(at::ScalarType dtype) {
+    return dtype != at::kHalf && core::expert_kernels_supported(core_dtype(dtype));
+}
+
+// Validates the mode for dtype once per call (so that an error is raised outside the parallel region).
+Mode checked_mode(at::ScalarType dtype) {
+    const Mode mode = read_mode();
+    TORCH_CHECK(mode != Mode::kNative || native_available(dtype), "EPMOE_CPU_GEMM=native: this CPU has no native ",
+                dtype_name(dtype), " kernel (fp32 needs AVX-512, bf16 AVX512_BF16; fp16 has none)");
+    return mode;
+}
+
+Backend pick_backend(Mode mode, at::ScalarType dtype, int64_t num_rows) {
+    if (mode == Mode::kAten || !native_available(dtype)) return Backend::kAten;
+    if (mode == Mode::kNative) return Backend::kNative;
+    if (dtype == at::kBFloat16 && core::cpu_features().amx_bf16 && num_rows >= kAmxMinRows) return Backend::kAten;
+    return Backend::kNative;
+}
+
+// Rows per item: the packed rows of a native item fit the L2 budget (whole panels).
+int64_t max_item_rows(int64_t depth, int64_t elem_size) {
+    const int64_t rows = kPanelBudget / std::max<int64_t>(depth * elem_size, 1);
+    return std::clamp<int64_t>(rows / core::kPanelRows * core::kPanelRows, 2 * core::kPanelRows, 512);
+}
+
+// The rows [0, num_rows) as a [num_rows, depth] tensor: a view when they are consecutive, else gathered into the
+// thread's scratch.
+at::Tensor rows_tensor(const void* const* rows, int64_t num_rows, int64_t depth, at::ScalarType dtype) {
+    const int64_t row_bytes = depth * static_cast<int64_t>(c10::elementSize(dtype));
+    const char* first = static_cast<const char*>(rows[0]);
+    bool consecutive = true;
+    for (int64_t i = 1; i < num_rows && consecutive; ++i) consecutive = rows[i] == first + i * row_bytes;
+    void* data = const_cast<char*>(first);
+    if (!consecutive) {
+        data = thread_scratch(static_cast<size_t>(num_rows * row_bytes));
+        for (int64_t i = 0; i < num_rows; ++i) std::memcpy(static_cast<char*>(data) + i * row_bytes, rows[i], row_bytes);
+    }
+    return at::from_blob(data, {num_rows, depth}, at::TensorOptions().dtype(dtype));
+}
+
+void aten_swiglu_item(const Item& it, const void* const* a_rows, const at::Tensor& w13, void* const* h_rows) {
+    const int64_t m = it.row_end - it.row_begin, n = it.col_end - it.col_begin, inter = w13.size(1) / 2;
+    const at::Tensor a = rows_tensor(a_rows + it.row_begin, m, w13.size(2), w13.scalar_type());
+    const at::Tensor w_e = w13.select(0, it.expert);
+    // NOTES: the GEMM accumulates in fp32; for bf16/fp16 ATen rounds its result to the input dtype once (no fp32
+    // output for 16-bit inputs on CPU). The activation then runs in fp32 and is rounded once into h.
+    at::Tensor gu = at::empty({m, 2 * n}, w13.options().dtype(at::kFloat));
+    if (n == inter) {  // one GEMM over the gate and up rows together
+        gu.copy_(at::mm(a, w_e.t()));
+    } else {
+        gu.narrow(1, 0, n).copy_(at::mm(a, w_e.narrow(0, it.col_begin, n).t()));
+        gu.narrow(1, n, n).copy_(at::mm(a, w_e.narrow(0, inter + it.col_begin, n).t()));
+    }
+    core::swiglu_rows(gu.data_ptr<float>(), 2 * n, n, m, n, core_dtype(w13.scalar_type()), h_rows + it.row_begin,
+                      it.col_begin);
+}
+
+void aten_gemm_item(const Item& it, const void* const* a_rows, const at::Tensor& w, void* const* out_rows) {
+    const int64_t m = it.row_end - it.row_begin, n = it.col_end - it.col_begin;
+    const at::Tensor a = rows_tensor(a_rows + it.row_begin, m, w.size(2), w.scalar_type());
+    const at::Tensor c = at::mm(a, w.select(0, it.expert).narrow(0, it.col_begin, n).t()).contiguous();
+    const int64_t elem = static_cast<int64_t>(w.element_size());
+    const char* src = static_cast<const char*>(c.data_ptr());
+    for (int64_t i = 0; i < m; ++i)
+        std::memcpy(static_cast<char*>(out_rows[it.row_begin + i]) + it.col_begin * elem, src + i * n * elem, n * elem);
+}
+
+}  // namespace
+
+std::vector<Item> make_items(const std::vector<int64_t>& off, int64_t num_cols, int64_t max_rows, int64_t col_align) {
+    std::vector<Item> row_items;
+    for (size_t e = 0; e + 1 < off.size(); ++e) {
+        const int64_t n = off[e + 1] - off[e];
+        if (n == 0) continue;
+        const int64_t num_tiles = n / max_rows + (n % max_rows != 0);
+        const int64_t tile = (n + num_tiles - 1) / num_tiles;
+        for (int64_t r = off[e]; r < off[e + 1]; r += tile)
+            row_items.push_back({static_cast<int64_t>(e), r, std::min(off[e + 1], r + tile), 0, num_cols});
+    }
+    if (row_items.empty() || num_cols == 0) return {};
+    // Decode items (a few rows: weight streaming) are cut finer, so that the last ones to finish are short.
+    const int64_t num_row_items = static_cast<int64_t>(row_items.size());
+    const bool streaming = (off.back() - off.front()) < 32 * num_row_items;
+    const int64_t target = (streaming ? 16 : 4) * static_cast<int64_t>(at::get_num_threads());
+    const int64_t max_splits = std::max<int64_t>(1, num_cols / (2 * col_align));
+    const int64_t num_splits = std::clamp<int64_t>((target + num_row_items - 1) / num_row_items, 1, max_splits);
+    int64_t chunk = (num_cols + num_splits - 1) / num_splits;
+    chunk = (chunk + col_align - 1) / col_align * col_align;
+    std::vector<Item> items;
+    items.reserve(row_items.size() * static_cast<size_t>(num_splits));
+    for (const Item& it : row_items) {
+        for (int64_t c = 0; c < num_cols; c += chunk)
+            items.push_back({it.expert, it.row_begin, it.row_end, c, std::min(num_cols, c + chunk)});
+    }
+    // Largest first (threads claim items in order), so that skewed segments do not finish last.
+    std::stable_sort(items.begin(), items.end(), [](const Item& a, const Item& b) {
+        return (a.row_end - a.row_begin) * (a.col_end - a.col_begin) > (b.row_end - b.row_begin) * (b.col_end - b.col_begin);
+    });
+    return items;
+}
+
+// NOTES: dynamic claiming, because segments differ in size under skewed routing and a static split of the item
+// list would leave a core idle.
+void run_items(const std::vector<Item>& items, const std::function<void(const Item&)>& fn) {
+    const int64_t num_items = static_cast<int64_t>(items.size());
+    const int64_t num_workers = std::min<int64_t>(at::get_num_threads(), num_items);
+    if (num_workers == 0) return;
+    std::atomic<int64_t> next{0};
+    // NOTES: the ATen calls in the workers must see the caller's thread-local state (grad mode off, autograd keys
+    // excluded inside an op); OpenMP worker threads start without it.
+    const at::ThreadLocalState state;
+    at::parallel_for(0, num_workers, 1, [&](int64_t begin, int64_t end) {
+        const at::ThreadLocalStateGuard state_guard(state);
+        for (int64_t w = begin; w < end; ++w) {
+            for (int64_t i = next.fetch_add(1); i < num_items; i = next.fetch_add(1)) fn(items[i]);
+        }
+    });
+}
+
+std::vector<int64_t> read_offsets(const at::Tensor& expert_offsets, int64_t num_rows) {
+    const int64_t* off = expert_offsets.data_ptr<int64_t>();
+    std::vector<int64_t> v(off, off + expert_offsets.numel());
+    TORCH_CHECK_VALUE(v[0] == 0, "expert_offsets[0] must be 0, got ", v[0]);
+    for (size_t e = 1; e < v.size(); ++e) {
+        TORCH_CHECK_VALUE(v[e] >= v[e - 1], "expert_offsets must be non-decreasing, got ", v[e - 1], " then ", v[e],
+                          " at index ", e);
+    }
+    TORCH_CHECK_VALUE(v.back() <= num_rows, "expert_offsets[-1] must be <= the number of rows ", num_rows, ", got ",
+                      v.back());
+    return v;
+}
+
+namespace {
+
+// One item of each GEMM on its backend. a_rows / out_rows are indexed by it.row_begin + i.
+void swiglu_item(Mode mode, const Item& it, const void* const* a_rows, const at::Tensor& w13, void* const* h_rows) {
+    const at::ScalarType dtype = w13.scalar_type();
+    const int64_t m = it.row_end - it.row_begin, inter = w13.size(1) / 2, hidden = w13.size(2);
+    if (pick_backend(mode, dtype, m) == Backend::kAten) return aten_swiglu_item(it, a_rows, w13, h_rows);
+    const DType dt = core_dtype(dtype);
+    void* scratch = thread_scratch(core::expert_swiglu_scratch_bytes(dt, m, hidden, it.col_end - it.col_begin));
+    const char* w = static_cast<const char*>(w13.data_ptr()) + it.expert * w13.stride(0) * w13.element_size();
+    core::expert_swiglu(dt, a_rows + it.row_begin, m, hidden, w, inter, it.col_begin, it.col_end,
+                        h_rows + it.row_begin, scratch);
+}
+
+void gemm_item(Mode mode, const Item& it, const void* const* a_rows, const at::Tensor& w, void* const* out_rows) {
+    const at::ScalarType dtype = w.scalar_type();
+    const int64_t m = it.row_end - it.row_begin, depth = w.size(2);
+    if (pick_backend(mode, dtype, m) == Backend::kAten) return aten_gemm_item(it, a_rows, w, out_rows);
+    const DType dt = core_dtype(dtype);
+    void* scratch = thread_scratch(core::expert_gemm_scratch_bytes(dt, m, depth, it.col_end - it.col_begin));
+    const char* w_e = static_cast<const char*>(w.data_ptr()) + it.expert * w.stride(0) * w.element_size();
+    core::expert_gemm(dt, a_rows + it.row_begin, m, depth, w_e, it.col_begin, it.col_end, out_rows + it.row_begin,
+                      scratch);
+}
+
+}  // namespace
+
+void swiglu_segments(const std::vector<int64_t>& offsets, const void* const* a_rows, const at::Tensor& w13,
+                     void* const* h_rows) {
+    const Mode mode = checked_mode(w13.scalar_type());
+    const std::vector<Item> items =
+        make_items(offsets, w13.size(1) / 2, max_item_rows(w13.size(2), w13.element_size()), kSwigluColAlign);
+    run_items(items, [&](const Item& it) { swiglu_item(mode, it, a_rows, w13, h_rows); });
+}
+
+void gemm_segments(const std::vector<int64_t>& offsets, const void* const* a_rows, const at::Tensor& w,
+                   void* const* out_rows) {
+    const Mode mode = checked_mode(w.scalar_type());
+    const std::vector<Item> items =
+        make_items(offsets, w.size(1), max_item_rows(w.size(2), w.element_size()), kGemmColAlign);
+    run_items(items, [&](const Item& it) { gemm_item(mode, it, a_rows, w, out_rows); });
+}
+
+}  // namespace epmoe::cpu

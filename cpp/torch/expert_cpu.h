@@ -1,0 +1,52 @@
+// CPU execution of the grouped expert GEMMs shared by grouped_swiglu / grouped_gemm and fused_experts_forward.
+//
+// Work is cut into (expert, row tile, column chunk) items so that prefill (hundreds of rows per expert) and decode
+// (a few) both give every core work; the intra-op threads claim items dynamically. Operand and output rows are
+// addressed through per-row pointers, so a gather (permute) or scatter costs no copy. Each item runs on one of two
+// backends, chosen per item:
+//   native  the micro-kernels of cpp/core/expert_gemm.h (fp32: AVX-512, bf16: AVX512_BF16), fp32 accumulation;
+//   aten    at::mm on the item (MKL / oneDNN, which uses AMX on CPUs that have it), epilogue in fp32.
+// EPMOE_CPU_GEMM=native|aten forces one (native raises where the CPU lacks the instructions); the default picks
+// native, except bf16 segments of >= kAmxMinRows rows on AMX CPUs (oneDNN's AMX kernels are several times faster)
+// and fp16 (no native kernel).
+#pragma once
+
+#include <ATen/core/Tensor.h>
+
+#include <cstdint>
+#include <functional>
+#include <vector>
+
+namespace epmoe::cpu {
+
+constexpr int64_t kAmxMinRows = 32;
+
+struct Item {
+    int64_t expert, row_begin, row_end, col_begin, col_end;
+};
+
+// Cuts every non-empty segment of `offsets` into balanced row tiles of <= max_rows rows (fixed by the segment size
+// alone, so results do not depend on the thread count), then splits the columns [0, num_cols) into chunks
+// (multiples of col_align) until there are a few items per thread (more when segments are a few rows: decode streams
+// weights, and short last items balance the cores), so that decode (one tile per expert) still spreads over the
+// cores. Largest items first.
+std::vector<Item> make_items(const std::vector<int64_t>& offsets, int64_t num_cols, int64_t max_rows,
+                             int64_t col_align);
+
+// Runs fn on every item on the intra-op threads, each thread claiming the next unclaimed item; ATen calls in fn see
+// the caller's thread-local state.
+void run_items(const std::vector<Item>& items, const std::function<void(const Item&)>& fn);
+
+// Reads and validates expert_offsets int64 [E + 1] (0 = [0] <= ... <= [E] <= num_rows) on the host.
+std::vector<int64_t> read_offsets(const at::Tensor& expert_offsets, int64_t num_rows);
+
+// h_rows[r][c] = silu(a_rows[r] . gate_e[c]) * (a_rows[r] . up_e[c]) for every row r of every expert e, in dtype.
+//   a_rows [R] pointers to rows of H elements; w13 [E, 2I, H] contiguous; h_rows [R] pointers to rows of I elements.
+void swiglu_segments(const std::vector<int64_t>& offsets, const void* const* a_rows, const at::Tensor& w13,
+                     void* const* h_rows);
+
+// out_rows[r][n] = a_rows[r] . w_e[n] (w [E, N, K] contiguous, rows of K = depth elements) for every row.
+void gemm_segments(const std::vector<int64_t>& offsets, const void* const* a_rows, const at::Tensor& w,
+                   void* const* out_rows);
+
+}  // namespace epmoe::cpu

@@ -274,10 +274,11 @@ def _local_grad_state(moe) -> int:
 def _grad_states(layers, extra: list | None = None) -> list:
     """Agrees on each layer's gradient state across ranks; fills missing gradients with zeros where another rank
     has one. Returns the state of each layer. `extra` (one int per layer) must agree too."""
-    num_params = len(list(layers[0].parameters()))
+    num_params = max(len(list(moe.parameters())) for moe in layers)  # agreed per layer by the header
     rows = []
     for i, moe in enumerate(layers):
         present = [int(p.grad is not None) for p in moe.parameters()]
+        present += [0] * (num_params - len(present))
         rows.append(present + [_local_grad_state(moe), 0 if extra is None else extra[i]])
     local = torch.tensor(rows, dtype=torch.int64, device=_device(layers[0]))
     high, low = _agree(local.reshape(-1), layers) if _groups_of(layers[0]) else (local.reshape(-1),) * 2

@@ -179,3 +179,55 @@ def test_ep2_training_equals_single_process(use_ddp):
 def test_dp2_ep2_training_equals_single_process(use_ddp):
     results = run_ranks(train, 4, 2, use_ddp, timeout=300)
     check_equivalence(results, 4)
+
+
+def _resume(rank, world, folder):
+    """4 steps straight vs 2 steps, a checkpoint, a fresh process state and 2 more steps (the README recipe)."""
+    def build(seed):
+        torch.manual_seed(seed)
+        moe = MoE(config(eplb_interval=0))
+        return moe, torch.optim.AdamW(moe.parameters(), lr=1e-2)
+
+    def step(moe, opt, i):
+        x, y = batch(i, world)
+        mine = slice(rank * SEQS_PER_RANK, (rank + 1) * SEQS_PER_RANK)
+        loss = F.mse_loss(moe(x[mine]), y[mine]) + moe.aux_loss
+        opt.zero_grad()
+        loss.backward()
+        epmoe.sync_grads(moe)
+        if i == 1:
+            moe.rebalance(optimizer=opt)  # the checkpoint holds a non-initial placement and its optimizer state
+        opt.step()
+
+    straight, opt = build(0)
+    for i in range(4):
+        step(straight, opt, i)
+    first, opt = build(0)
+    for i in range(2):
+        step(first, opt, i)
+    torch.save({"model": first.state_dict(), "optimizer": opt.state_dict(),
+                "placement": first.placement.to_json_dict()}, f"{folder}/rank{rank}.pt")
+    dist.barrier()
+    resumed, opt = build(1000 + rank)  # other weights, other RNG: all comes from the checkpoint
+    ckpts = [torch.load(f"{folder}/rank{r}.pt") for r in range(world)]
+    resumed.apply_placement(epmoe.eplb.Placement.from_json_dict(ckpts[rank]["placement"]))
+    merged = {}
+    for ckpt in ckpts:  # each rank saved the experts whose first replica it holds
+        merged.update(ckpt["model"])
+    resumed.load_state_dict(merged)
+    opt.load_state_dict(ckpts[rank]["optimizer"])
+    for i in range(2, 4):
+        step(resumed, opt, i)
+    for key, value in logical_state_of(straight).items():
+        np.testing.assert_allclose(logical_state_of(resumed)[key], value, rtol=1e-5, atol=1e-7, err_msg=key)
+    return True
+
+
+def logical_state_of(moe: MoE) -> dict:
+    parts = [None] * moe.num_ranks
+    dist.all_gather_object(parts, {k: v.detach().clone() for k, v in moe.state_dict().items()}, group=moe.group)
+    return {k: v.numpy() for part in parts for k, v in part.items()}
+
+
+def test_checkpoint_resume_equals_uninterrupted_training(tmp_path):
+    assert all(run_ranks(_resume, 2, str(tmp_path), timeout=120).values())

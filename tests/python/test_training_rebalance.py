@@ -102,7 +102,8 @@ def _outputs_unchanged(rank, world):
     torch.manual_seed(1234 if rank == 0 else 5 + 11 * rank)  # the other ranks' RNG states must not matter
     moe = MoE(config(num_redundant_experts=2 * world))
     torch.manual_seed(1234)
-    single = MoE(config(num_redundant_experts=0), dist.new_group([rank]))  # one rank: the EP=1 layer
+    alone = [dist.new_group([r]) for r in range(world)][rank]  # every rank creates every group
+    single = MoE(config(num_redundant_experts=0), alone)  # a group of one rank: the EP=1 layer
     with torch.no_grad():
         for step in range(3):
             moe(skewed(step, rank))

@@ -64,6 +64,9 @@ class MoEConfig:
     aux_loss_coeff: float = 0.0
     z_loss_coeff: float = 0.0
 
+    def __post_init__(self):
+        balance.validate_config(self)  # training fields fail at construction; the rest in validate()
+
     def validate(self, num_ranks: int) -> None:
         """Raises ValueError naming the offending field."""
         for name in ("hidden_size", "moe_intermediate_size", "num_experts", "top_k", "num_groups", "topk_groups"):

@@ -263,11 +263,14 @@ def _local_grad_state(moe) -> int:
     params = dict(moe.named_parameters())
     if all(p.grad is None for p in params.values()):
         return _NONE
-    if moe._grad_marks is not None and _unchanged(moe, set(params)):
-        return moe._grad_marks[0]
-    if moe._grad_marks is not None and moe._grad_marks[0] == _SUMMED and not _unchanged(moe, {"w13", "w2"}):
-        raise RuntimeError("epmoe: a backward ran after a rebalance that moved unsynchronised gradients; call "
-                           "epmoe.sync_grads before rebalancing when more backward passes follow")
+    state = None if moe._grad_marks is None else moe._grad_marks[0]
+    if state == _SUMMED:  # replicas hold their expert's sum (a move of raw gradients); the rest is still raw
+        if not _unchanged(moe, {"w13", "w2"}):
+            raise RuntimeError("epmoe: a backward ran after a rebalance that moved unsynchronised gradients; call "
+                               "epmoe.sync_grads before rebalancing when more backward passes follow")
+        return _SUMMED
+    if state == _SYNCED and _unchanged(moe, set(params)):
+        return _SYNCED
     return _RAW
 
 
@@ -369,21 +372,27 @@ def _reduce_expert_grads(moe, *, fold: bool, finish: bool) -> None:
         return
     plan = _expert_plan(moe)
     if fold:
-        if plan.needs_fold:
-            for slots in plan.local.values():
-                if len(slots) > 1:
-                    for g in grads:
-                        acc = g[slots[0]].float()
-                        for slot in slots[1:]:
-                            acc += g[slot].float()
-                        g[slots[0]].copy_(acc)
+        owned = {e for experts in plan.recv.values() for e in experts}
+        sums: dict = {}  # (expert, tensor index) -> fp32 sum, for the experts this rank reduces further
+        for expert, slots in plan.local.items():
+            if len(slots) == 1 and expert not in owned:
+                continue
+            for t, g in enumerate(grads):
+                acc = g[slots[0]].float().clone()
+                for slot in slots[1:]:
+                    acc += g[slot].float()
+                if expert in owned:
+                    sums[expert, t] = acc
+                else:
+                    g[slots[0]].copy_(acc)  # sent to the owner in the gradient dtype
         if plan.send or plan.recv:
             received = _exchange(moe, grads, plan.send, plan.recv, plan.first)
-            for rank in sorted(received):  # ascending source rank: a fixed order
+            for rank in sorted(received):  # the owner adds the other holders in ascending rank order
                 for i, expert in enumerate(plan.recv[rank]):
-                    for g, buf in zip(grads, received[rank], strict=True):
-                        slot = plan.first[expert]
-                        g[slot].copy_(g[slot].float() + buf[i].float())
+                    for t, buf in enumerate(received[rank]):
+                        sums[expert, t] += buf[i].float()
+        for (expert, t), acc in sums.items():
+            grads[t][plan.first[expert]].copy_(acc)  # rounded once
     if finish:
         if moe.dp_group is not None:
             for g in grads:
@@ -466,8 +475,8 @@ def _sync_group(layers, optimizer) -> None:
         interval = moe.config.eplb_interval
         if interval > 0 and moe._num_steps % interval == 0:
             due.append(moe)
-    if due:
-        rebalance_layers(due, optimizer=optimizer)
+    for members in _rebalance_sets(due):
+        rebalance_layers(members, optimizer=optimizer)
 
 
 # ---- moving experts
@@ -617,17 +626,22 @@ def rebalance_layers(layers, *, optimizer=None, max_moves=None, extra_tensors=No
     return stats
 
 
+def _rebalance_sets(layers) -> list:
+    """Layers that can share one plan (same groups, experts and slots), in first-appearance order."""
+    sets: dict = {}
+    for moe in layers:
+        key = (id(moe.group), id(moe.dp_group), moe.config.num_experts, moe.config.num_slots)
+        sets.setdefault(key, []).append(moe)
+    return list(sets.values())
+
+
 def rebalance_model(model: nn.Module, *, optimizer=None, max_moves=None) -> list:
     """Rebalances every `epmoe.MoE` of `model` with one planning call over all layers' [L, E] load (per set of
     layers sharing groups and shapes), moving weights, `.grad` and optimizer state (collective). Call it where
     `MoE.rebalance` may be called. Returns one stats dict per layer, in module order."""
     layers = moe_layers(model)
-    sets: dict = {}
-    for moe in layers:
-        key = (id(moe.group), id(moe.dp_group), moe.config.num_experts, moe.config.num_slots)
-        sets.setdefault(key, []).append(moe)
     stats = {}
-    for members in sets.values():
+    for members in _rebalance_sets(layers):
         for moe, result in zip(members, rebalance_layers(members, optimizer=optimizer, max_moves=max_moves),
                                strict=True):
             stats[id(moe)] = result

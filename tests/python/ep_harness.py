@@ -2,6 +2,7 @@
 
 from __future__ import annotations
 
+import io
 import os
 import socket
 import traceback
@@ -15,6 +16,14 @@ def free_port() -> int:
     with socket.socket() as s:
         s.bind(("127.0.0.1", 0))
         return s.getsockname()[1]
+
+
+def _pack(obj) -> bytes:
+    # Results travel as bytes: a tensor put on a torch.multiprocessing queue is shared through a file descriptor
+    # that the parent fetches from the worker, which may have exited by then (ConnectionResetError).
+    buf = io.BytesIO()
+    torch.save(obj, buf)
+    return buf.getvalue()
 
 
 def _worker(rank, world_size, port, fn, args, queue, pg_timeout):
@@ -31,7 +40,7 @@ def _worker(rank, world_size, port, fn, args, queue, pg_timeout):
             timeout=datetime.timedelta(seconds=pg_timeout),
         )
         result = fn(rank, world_size, *args)
-        queue.put((rank, "ok", result))
+        queue.put((rank, "ok", _pack(result)))
     except BaseException:  # noqa: BLE001 - any failure of a worker fails the test
         queue.put((rank, "error", traceback.format_exc()))
     finally:
@@ -64,7 +73,7 @@ def run_ranks(fn, world_size: int, *args, timeout: float = 90.0, pg_timeout: flo
         except queue_mod.Empty:
             break
         if status == "ok":
-            results[rank] = payload
+            results[rank] = torch.load(io.BytesIO(payload), weights_only=False)
         else:
             errors.append(f"rank {rank}:\n{payload}")
     for p in procs:

@@ -36,7 +36,12 @@ def config(**overrides) -> MoEConfig:
 ])
 def test_bad_training_configs_raise(overrides, match):
     with pytest.raises(ValueError, match=match):
-        MoE(config(**overrides))
+        config(**overrides)
+    good = config()
+    for name, value in overrides.items():  # a config changed after construction fails when the layer is built
+        setattr(good, name, value)
+    with pytest.raises(ValueError, match=match):
+        MoE(good)
 
 
 def test_rebalance_with_a_foreign_optimizer_raises():

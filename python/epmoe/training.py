@@ -414,26 +414,35 @@ def _reduce_expert_grads(moe, *, fold: bool, finish: bool) -> None:
                     g[slot].copy_(g[slots[0]])
 
 
+_BUCKET_BYTES = 64 << 20  # replicated gradients are all-reduced in flat buckets of about this size
+
+
 @torch.no_grad()
 def _average_replicated(layers) -> None:
-    """One flat all-reduce per dtype over the EP group and then the DP group, then / (EP size * DP size)."""
+    """Flat all-reduces (buckets per dtype) over the EP group and then the DP group, then / (EP size * DP size)."""
     first = layers[0]
     scale = 1.0 / (first.num_ranks * first.dp_size)
-    by_dtype: dict = {}
+    buckets: dict = {}  # dtype -> list of buckets (lists of grads)
     for moe in layers:
         for p in moe.replicated_parameters():
-            if p.grad is not None:
-                by_dtype.setdefault(p.grad.dtype, []).append(p.grad)
-    for grads in by_dtype.values():
-        flat = torch.cat([g.reshape(-1) for g in grads])
+            if p.grad is None:
+                continue
+            open_buckets = buckets.setdefault(p.grad.dtype, [[]])
+            used = sum(g.numel() * g.element_size() for g in open_buckets[-1])
+            if open_buckets[-1] and used + p.grad.numel() * p.grad.element_size() > _BUCKET_BYTES:
+                open_buckets.append([])
+            open_buckets[-1].append(p.grad)
+    for grads in (bucket for per_dtype in buckets.values() for bucket in per_dtype):
+        flat = grads[0] if len(grads) == 1 else torch.cat([g.reshape(-1) for g in grads])
         for group, _ in _groups_of(first):
             dist.all_reduce(flat, group=group)
         if scale != 1.0:
             flat.mul_(scale)
-        offset = 0
-        for g in grads:
-            g.copy_(flat[offset:offset + g.numel()].view_as(g))
-            offset += g.numel()
+        if len(grads) > 1:
+            offset = 0
+            for g in grads:
+                g.copy_(flat[offset:offset + g.numel()].view_as(g))
+                offset += g.numel()
 
 
 # ---- sync_grads

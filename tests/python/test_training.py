@@ -95,6 +95,7 @@ def train(rank: int, world: int, ep_size: int, use_ddp: bool, num_data: int | No
     torch.manual_seed(1234 if rank == 0 else 99 + rank)  # only rank 0's RNG state may matter
     group = dp_group = None
     if world > 1:
+        epmoe.training._BUCKET_BYTES = 4096  # (a worker process) the replicated gradients travel in several buckets
         num_dp = world // ep_size
         for d in range(num_dp):  # EP groups: consecutive ranks; DP groups: strided (every rank creates every group)
             ranks = list(range(d * ep_size, (d + 1) * ep_size))

@@ -378,12 +378,12 @@ def _reduce_expert_grads(moe, *, fold: bool, finish: bool) -> None:
             if len(slots) == 1 and expert not in owned:
                 continue
             for t, g in enumerate(grads):
-                acc = g[slots[0]].float().clone()
+                acc = g[slots[0]].float()  # fp32 gradients: the first slot itself, summed in place
                 for slot in slots[1:]:
                     acc += g[slot].float()
                 if expert in owned:
                     sums[expert, t] = acc
-                else:
+                elif acc.data_ptr() != g[slots[0]].data_ptr():
                     g[slots[0]].copy_(acc)  # sent to the owner in the gradient dtype
         if plan.send or plan.recv:
             received = _exchange(moe, grads, plan.send, plan.recv, plan.first)
@@ -392,7 +392,9 @@ def _reduce_expert_grads(moe, *, fold: bool, finish: bool) -> None:
                     for t, buf in enumerate(received[rank]):
                         sums[expert, t] += buf[i].float()
         for (expert, t), acc in sums.items():
-            grads[t][plan.first[expert]].copy_(acc)  # rounded once
+            target = grads[t][plan.first[expert]]
+            if acc.data_ptr() != target.data_ptr():
+                target.copy_(acc)  # rounded once
     if finish:
         if moe.dp_group is not None:
             for g in grads:
@@ -422,6 +424,8 @@ def _average_replicated(layers) -> None:
     """Flat all-reduces (buckets per dtype) over the EP group and then the DP group, then / (EP size * DP size)."""
     first = layers[0]
     scale = 1.0 / (first.num_ranks * first.dp_size)
+    if not _groups_of(first) and scale == 1.0:
+        return  # one process: the mean over ranks is the gradient itself
     buckets: dict = {}  # dtype -> list of buckets (lists of grads)
     for moe in layers:
         for p in moe.replicated_parameters():

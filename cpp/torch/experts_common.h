@@ -9,25 +9,28 @@
 #include <limits>
 #include <optional>
 
+#include "cpp/torch/dtype_name.h"
+
 namespace epmoe::experts {
 
 // Floating operand: fp32 / bf16 / fp16, contiguous, with `dim` dimensions.
 inline void check_float(const at::Tensor& t, const char* name, int64_t dim) {
     TORCH_CHECK_TYPE(t.scalar_type() == at::kFloat || t.scalar_type() == at::kBFloat16 || t.scalar_type() == at::kHalf,
-                     name, " must be float32, bfloat16 or float16, got ", t.scalar_type());
+                     name, " must be float32, bfloat16 or float16, got ", dtype_name(t.scalar_type()));
     TORCH_CHECK_VALUE(t.dim() == dim, name, " must be ", dim, "-D, got shape ", t.sizes());
     TORCH_CHECK_VALUE(t.is_contiguous(), name, " must be contiguous");
 }
 
 inline void check_typed(const at::Tensor& t, const char* name, at::ScalarType dtype, int64_t dim) {
-    TORCH_CHECK_TYPE(t.scalar_type() == dtype, name, " must be ", dtype, ", got ", t.scalar_type());
+    TORCH_CHECK_TYPE(t.scalar_type() == dtype, name, " must be ", dtype_name(dtype), ", got ",
+                     dtype_name(t.scalar_type()));
     TORCH_CHECK_VALUE(t.dim() == dim, name, " must be ", dim, "-D, got shape ", t.sizes());
     TORCH_CHECK_VALUE(t.is_contiguous(), name, " must be contiguous");
 }
 
 inline void check_same_dtype(const at::Tensor& t, const char* name, const at::Tensor& ref, const char* ref_name) {
     TORCH_CHECK_TYPE(t.scalar_type() == ref.scalar_type(), name, " must have the dtype of ", ref_name, " (",
-                     ref.scalar_type(), "), got ", t.scalar_type());
+                     dtype_name(ref.scalar_type()), "), got ", dtype_name(t.scalar_type()));
 }
 
 inline void check_same_device(const at::Tensor& t, const char* name, const at::Tensor& ref, const char* ref_name) {

@@ -8,6 +8,7 @@
 #include <string>
 
 #include "cpp/core/route.h"
+#include "cpp/torch/dtype_name.h"
 #include "cpp/core/types.h"
 
 namespace epmoe {
@@ -17,7 +18,8 @@ inline DType to_dtype(const at::Tensor& t, const char* name) {
         case at::kFloat: return DType::kFloat32;
         case at::kBFloat16: return DType::kBFloat16;
         case at::kHalf: return DType::kFloat16;
-        default: TORCH_CHECK_TYPE(false, name, " must be float32, bfloat16 or float16, got ", t.scalar_type());
+        default: TORCH_CHECK_TYPE(false, name, " must be float32, bfloat16 or float16, got ",
+                                  dtype_name(t.scalar_type()));
     }
 }
 
@@ -38,7 +40,7 @@ inline RouteParams make_route_params(const at::Tensor& router_logits, int64_t to
     TORCH_CHECK_VALUE(router_logits.size(1) <= (1 << 20), "router_logits has too many experts: ", router_logits.size(1));
     if (bias.has_value()) {
         const at::Tensor& b = *bias;
-        TORCH_CHECK_TYPE(b.scalar_type() == at::kFloat, "bias must be float32, got ", b.scalar_type());
+        TORCH_CHECK_TYPE(b.scalar_type() == at::kFloat, "bias must be float32, got ", dtype_name(b.scalar_type()));
         TORCH_CHECK_VALUE(b.dim() == 1 && b.size(0) == router_logits.size(1), "bias must have shape [",
                           router_logits.size(1), "] (num_experts), got ", b.sizes());
         TORCH_CHECK_VALUE(b.device() == router_logits.device(), "bias must be on ", router_logits.device(),

@@ -11,13 +11,14 @@ import json
 import os
 import socket
 import statistics
-import sys
 import time
 from pathlib import Path
 
 import torch
 import torch.distributed as dist
 import torch.nn.functional as F
+
+from epmoe._progress import Progress
 
 PRESETS = {
     # Scaled-down DeepSeek-V3 layer: sigmoid + correction bias, 8 groups of 8, 4 kept, top-6, one shared expert.
@@ -41,24 +42,6 @@ def _free_port() -> int:
     with socket.socket(socket.AF_INET, socket.SOCK_STREAM) as s:
         s.bind(("127.0.0.1", 0))
         return s.getsockname()[1]
-
-
-class _Progress:
-    """A one-line text progress bar on stderr (rank 0 only)."""
-
-    def __init__(self, total: int, enabled: bool):
-        self.total, self.done, self.enabled = total, 0, enabled
-
-    def step(self, label: str) -> None:
-        self.done += 1
-        if not self.enabled:
-            return
-        width = 30
-        filled = width * self.done // self.total
-        sys.stderr.write(f"\r[{'#' * filled}{'.' * (width - filled)}] {self.done}/{self.total} {label:<28}")
-        if self.done == self.total:
-            sys.stderr.write("\n")
-        sys.stderr.flush()
 
 
 def _redundant_for(num_experts: int, num_ranks: int) -> int:
@@ -108,9 +91,12 @@ def _reference_forward(cfg, x, gate_weight, bias, w13, w2, shared):
 
 
 def _worker(rank: int, num_ranks: int, args: argparse.Namespace, port: int | None) -> None:
-    from epmoe import eplb
+    from epmoe import _logging, eplb
+    from epmoe.cli import log_level
     from epmoe.layer import MoE, MoEConfig
 
+    if port is not None:  # a spawned rank starts with fresh logging (under torchrun, `epmoe` configured it)
+        _logging.configure(log_level(args))
     use_cuda = torch.cuda.is_available() and args.device != "cpu"
     backend = "nccl" if use_cuda else "gloo"
     if port is not None:
@@ -152,7 +138,7 @@ def _run(rank, num_ranks, args, device, MoE, MoEConfig, eplb) -> dict:
     moe.eval()
     x = x.to(device)
     reference = _reference_forward(cfg, x.cpu(), gate_weight, bias, w13, w2, shared)
-    progress = _Progress(total=2 * args.steps + 3, enabled=rank == 0)
+    progress = Progress(2 * args.steps + 3, "epmoe demo", enabled=rank == 0 and not getattr(args, "quiet", False))
 
     def run_phase(label: str) -> dict:
         moe.recorder.reset()
@@ -211,6 +197,7 @@ def _run(rank, num_ranks, args, device, MoE, MoEConfig, eplb) -> dict:
         "placement_after": moe.placement.to_json_dict(),
     }
     progress.step("done")
+    progress.close()
     return report
 
 
@@ -267,28 +254,36 @@ def _plot(report: dict, path: Path) -> Path | None:
 
 
 def add_parser(subparsers) -> None:
-    p = subparsers.add_parser("demo", help="run the EP + EPLB demo on local ranks and write a report")
-    p.add_argument("--ranks", type=int, default=None,
-                   help="local ranks to spawn (default: visible GPUs, else 4); ignored under torchrun")
-    p.add_argument("--preset", choices=sorted(PRESETS), default="deepseek-v3-mini")
-    p.add_argument("--tokens", type=int, default=1024, help="tokens per rank")
-    p.add_argument("--steps", type=int, default=4, help="forward steps before and after the rebalance")
+    from epmoe.cli import positive_int
+
+    p = subparsers.add_parser("demo", help="run the EP + EPLB demo on local ranks and write a report",
+                              description="Run a scaled-down MoE layer expert-parallel on local ranks, check it "
+                              "against a single-process reference, rebalance with EPLB and report tokens/s, "
+                              "all-to-all bytes and per-rank load before/after (table, JSON, PNG).")
+    p.add_argument("--ranks", type=positive_int, default=None,
+                   help="local ranks to spawn (default: the visible GPUs, else 4); under torchrun the launched "
+                   "ranks are used and --ranks must match WORLD_SIZE if given")
+    p.add_argument("--preset", choices=sorted(PRESETS), default="deepseek-v3-mini", help="layer shape")
+    p.add_argument("--tokens", type=positive_int, default=1024, help="tokens per rank")
+    p.add_argument("--steps", type=positive_int, default=4, help="forward steps before and after the rebalance")
     p.add_argument("--out", default="epmoe-demo", help="output folder for report.json and load.png")
-    p.add_argument("--seed", type=int, default=0)
+    p.add_argument("--seed", type=int, default=0, help="seed of the weights, router and tokens")
     p.add_argument("--device", choices=("auto", "cpu"), default="auto", help="cpu forces gloo even with GPUs")
     p.set_defaults(func=run)
 
 
 def run(args: argparse.Namespace) -> int:
-    if args.tokens < 0 or args.steps < 1:
-        raise SystemExit("epmoe demo: --tokens must be >= 0 and --steps >= 1")
+    from epmoe.cli import UsageError
+
     if "RANK" in os.environ and "WORLD_SIZE" in os.environ:  # launched by torchrun
-        _worker(int(os.environ["RANK"]), int(os.environ["WORLD_SIZE"]), args, port=None)
+        world_size = int(os.environ["WORLD_SIZE"])
+        if args.ranks is not None and args.ranks != world_size:
+            raise UsageError(f"--ranks {args.ranks} disagrees with the torchrun launch (WORLD_SIZE={world_size}); "
+                             "drop --ranks under torchrun")
+        _worker(int(os.environ["RANK"]), world_size, args, port=None)
     else:
         use_cuda = torch.cuda.is_available() and args.device != "cpu"
-        num_ranks = args.ranks or (torch.cuda.device_count() if use_cuda else 4)
-        if num_ranks < 1:
-            raise SystemExit("epmoe demo: --ranks must be >= 1")
+        num_ranks = args.ranks if args.ranks is not None else (torch.cuda.device_count() if use_cuda else 4)
         torch.multiprocessing.spawn(_worker, args=(num_ranks, args, _free_port()), nprocs=num_ranks, join=True)
     report_path = Path(args.out) / "report.json"
     if report_path.exists() and ("RANK" not in os.environ or os.environ["RANK"] == "0"):

@@ -1,7 +1,7 @@
 """Expert-parallel dispatch and combine: `EPGroup`, backed by the C++ runtime (`epmoe._C.Runtime`).
 
 CPU tensors travel over the process group (gloo), CUDA tensors over the runtime's own NCCL communicator. Rank r owns
-experts `[r*E/R, (r+1)*E/R)` unless an `expert_to_rank` map is given. Semantics (DESIGN.md §3):
+experts `[r*E/R, (r+1)*E/R)` unless an `expert_to_rank` map is given. Semantics (docs/semantics.md):
 
 - dispatch sends each token once per destination rank that owns any of its experts (deduplicated), with its slot
   list; the receiver expands the rows into expert-major order (local expert, then source rank, source token, slot).
@@ -23,7 +23,11 @@ import torch
 import torch.distributed as dist
 
 from epmoe import _loader  # noqa: F401  (loads _C)
+from epmoe import _validate as v
 from epmoe._loader import _C
+from epmoe._logging import get_logger
+
+log = get_logger(__name__)
 
 __all__ = ["EPGroup", "DispatchResult", "DispatchHandle"]
 
@@ -135,6 +139,24 @@ class _PendingCombine:
         return self._finish()
 
 
+def _collective(op: str, fn, *args):
+    """Runs a blocking runtime call; a RuntimeError (timeout, dead peer, NCCL error) is logged with this rank's
+    prefix before it propagates, so the log shows which rank saw what."""
+    try:
+        return fn(*args)
+    except RuntimeError as exc:
+        log.warning("EP %s failed: %s", op, str(exc).strip().splitlines()[0] if str(exc).strip() else repr(exc))
+        raise
+
+
+def _log_overflow(native) -> None:
+    if native.num_send_overflow == 0 and native.num_recv_overflow == 0:
+        return
+    what = "dropped (drop_overflow=True)" if native.drop_overflow else "combine will raise (drop_overflow=False)"
+    log.warning("EP dispatch overflow: %d rows sent by this rank and %d rows bound for it did not fit capacity=%d; "
+                "%s", native.num_send_overflow, native.num_recv_overflow, native.capacity, what)
+
+
 class EPGroup:
     """Expert-parallel group over a torch.distributed process group.
 
@@ -149,10 +171,16 @@ class EPGroup:
     def __init__(self, process_group: dist.ProcessGroup | None = None, timeout: float | None = None):
         if not dist.is_initialized():
             raise RuntimeError("EPGroup needs torch.distributed to be initialised (dist.init_process_group)")
+        if timeout is not None:
+            timeout = v.check_float("timeout", timeout)
+            if not timeout > 0:
+                raise ValueError(f"timeout must be > 0 seconds (or None for the process group's), got {timeout}")
         self.process_group = process_group if process_group is not None else dist.group.WORLD
         self._runtime = _C.Runtime(self.process_group, float(timeout) if timeout else 0.0)
         self.rank = self._runtime.rank
         self.num_ranks = self._runtime.num_ranks
+        log.info("EP group: rank %d of %d, backend %s, timeout %s", self.rank, self.num_ranks,
+                 dist.get_backend(self.process_group), f"{timeout:g} s" if timeout else "of the process group")
 
     @property
     def bytes_sent(self) -> int:
@@ -164,7 +192,9 @@ class EPGroup:
             # NCCL bootstrap through the process group: group rank 0 makes the id, everyone connects.
             box = [_C.Runtime.nccl_unique_id() if self.rank == 0 else None]
             dist.broadcast_object_list(box, src=dist.get_global_rank(self.process_group, 0), group=self.process_group)
-            self._runtime.init_nccl(box[0], t.device.index if t.device.index is not None else 0)
+            device = t.device.index if t.device.index is not None else 0
+            _collective("NCCL setup", self._runtime.init_nccl, box[0], device)
+            log.info("EP group: NCCL communicator ready on cuda:%d (%d ranks)", device, self.num_ranks)
 
     def dispatch(
         self,
@@ -199,25 +229,49 @@ class EPGroup:
             DispatchResult (recv_x [M, H], recv_topk_weights float32 [M], tokens_per_expert int64 [L],
             expert_offsets int64 [L+1], handle), or a pending object whose wait() returns it.
         """
-        if not isinstance(x, torch.Tensor):
-            raise TypeError(f"x must be a torch.Tensor, got {type(x).__name__}")
+        # Local checks (docs/errors.md); ids, the placement and cross-rank agreement are checked by the runtime.
+        v.check_tensor("x", x, dtypes=v.FLOAT_DTYPES, dim=2, layout="[num_tokens, hidden]")
+        v.check_tensor("topk_idx", topk_idx, dtypes=v.INDEX_DTYPES, dim=2, layout="[num_tokens, top_k]",
+                       device=x.device, like="x")
+        if topk_idx.shape[0] != x.shape[0]:
+            raise ValueError(f"topk_idx must have shape [{x.shape[0]}, top_k] (num_tokens of x), got "
+                             f"{list(topk_idx.shape)}")
+        v.check_tensor("topk_weights", topk_weights, shape=tuple(topk_idx.shape), layout="like topk_idx",
+                       device=x.device, like="x")
+        if not topk_weights.is_floating_point():
+            raise TypeError(f"topk_weights must be a floating-point tensor, got {v.dtype_name(topk_weights.dtype)}")
+        num_experts = v.check_int("num_experts", num_experts, minimum=1)
+        v.check_choice("mode", mode, ("exact", "capacity"))
+        if capacity is not None:
+            capacity = v.check_int("capacity", capacity, minimum=0)
+        elif mode == "capacity":
+            raise ValueError("capacity must be given (rows per source/destination rank pair, >= 0) when "
+                             "mode='capacity'")
+        drop_overflow = v.check_bool("drop_overflow", drop_overflow)
+        async_op = v.check_bool("async_op", async_op)
+        if expert_to_rank is not None:
+            v.check_tensor("expert_to_rank", expert_to_rank, dtypes=v.INDEX_DTYPES, shape=(num_experts,),
+                           layout="(num_experts)")
         self._prepare(x)
-        pending = self._runtime.dispatch(
+        pending = _collective(
+            "dispatch",
+            self._runtime.dispatch,
             x.detach(),
             topk_idx,
             topk_weights.detach(),
-            int(num_experts),
+            num_experts,
             expert_to_rank,
             mode,
-            -1 if capacity is None else int(capacity),
-            bool(drop_overflow),
+            -1 if capacity is None else capacity,
+            drop_overflow,
         )
 
         def finish() -> DispatchResult:
             box: list = []
-            recv_x, recv_w, tokens_per_expert, expert_offsets = _Dispatch.apply(
-                x, topk_weights, self._runtime, pending, box
+            recv_x, recv_w, tokens_per_expert, expert_offsets = _collective(
+                "dispatch", _Dispatch.apply, x, topk_weights, self._runtime, pending, box
             )
+            _log_overflow(box[0])
             return DispatchResult(recv_x, recv_w, tokens_per_expert, expert_offsets, DispatchHandle(box[0], recv_w))
 
         return _PendingDispatch(finish) if async_op else finish()
@@ -244,12 +298,21 @@ class EPGroup:
         """
         if not isinstance(handle, DispatchHandle):
             raise TypeError(f"handle must be a DispatchHandle from EPGroup.dispatch, got {type(handle).__name__}")
+        # The runtime checks the shape and the dtype against the dispatch.
+        v.check_tensor("expert_out", expert_out, dim=2, layout="[num_recv_rows, hidden]")
+        if recv_topk_weights is not None:
+            v.check_tensor("recv_topk_weights", recv_topk_weights, dim=1, layout="[num_recv_rows]",
+                           device=expert_out.device, like="expert_out")
+            if not recv_topk_weights.is_floating_point():
+                raise TypeError(f"recv_topk_weights must be a floating-point tensor, got "
+                                f"{v.dtype_name(recv_topk_weights.dtype)}")
+        async_op = v.check_bool("async_op", async_op)
         weights = handle.recv_topk_weights if recv_topk_weights is None else recv_topk_weights
         native = handle._native
-        pending = self._runtime.combine(expert_out.detach(), weights.detach(), native)
+        pending = _collective("combine", self._runtime.combine, expert_out.detach(), weights.detach(), native)
 
         def finish() -> torch.Tensor:
-            return _Combine.apply(expert_out, weights, self._runtime, pending, native)
+            return _collective("combine", _Combine.apply, expert_out, weights, self._runtime, pending, native)
 
         return _PendingCombine(finish) if async_op else finish()
 

@@ -1,15 +1,16 @@
 """Local expert path: token permutation and grouped SwiGLU experts, with autograd.
 
 Typed wrappers of the torch.ops.epmoe expert-path ops (validation lives in the C++ ops), their fake impls for
-torch.compile, and the two autograd-enabled entry points:
+torch.compile, and the two autograd-enabled entry points, which validate their arguments in Python first
+(`epmoe._validate`) and accept any strides:
 
 * `grouped_swiglu_experts(rows, expert_offsets, w13, w2)`: the SwiGLU MLP on expert-major rows (what the EP layer
   runs on the rows it receives from dispatch);
 * `experts_forward(x, topk_idx, topk_weights, w13, w2)`: layout -> permute -> grouped SwiGLU -> down GEMM ->
-  weighted unpermute (HF experts semantics, DESIGN.md §2/§3).
+  weighted unpermute (HF experts semantics, docs/semantics.md).
 
-Row capacity is always T*k rows, so no shape depends on the routing; rows at index >= expert_offsets[-1] are padding
-and zero in every op output.
+Inside `experts_forward` the row capacity is always T*k rows, so no shape depends on the routing; rows at index
+>= expert_offsets[-1] are padding and zero in every op output.
 """
 
 from __future__ import annotations
@@ -17,6 +18,7 @@ from __future__ import annotations
 import torch
 
 from epmoe import _loader  # noqa: F401  (loads _C, which registers the ops)
+from epmoe import _validate as v
 
 __all__ = [
     "moe_layout",
@@ -215,31 +217,68 @@ class _Unpermute(torch.autograd.Function):
         return grad_rows, None, grad_weights
 
 
+def _check_expert_weights(x_name: str, x: torch.Tensor, w13, w2) -> None:
+    """w13 [E, 2I, H] and w2 [E, H, I] in x's dtype and device, H = x.shape[1]; blames the argument that
+    disagrees with the other two."""
+    v.check_tensor("w13", w13, dim=3, layout="[num_experts, 2 * I, H]")
+    v.check_tensor("w2", w2, dim=3, layout="[num_experts, H, I]")
+    hidden = x.shape[1]
+    h13, h2 = w13.shape[2], w2.shape[1]
+    if h13 != hidden and h2 != hidden and h13 == h2:
+        raise ValueError(f"{x_name} has hidden size {hidden} but the expert weights have H = {h13} "
+                         f"(w13 [num_experts, 2 * I, H] = {list(w13.shape)}, w2 [num_experts, H, I] = "
+                         f"{list(w2.shape)}): {x_name} must be [*, {h13}]")
+    if h13 != hidden:
+        raise ValueError(f"w13 must have shape [num_experts, 2 * I, H] with H = {hidden} (the hidden size of "
+                         f"{x_name}), got {list(w13.shape)}")
+    if w13.shape[1] % 2 != 0:
+        raise ValueError(f"w13 must have shape [num_experts, 2 * I, H] (gate rows then up rows, an even second "
+                         f"dimension), got {list(w13.shape)}")
+    expected = [w13.shape[0], hidden, w13.shape[1] // 2]
+    if list(w2.shape) != expected:
+        raise ValueError(f"w2 must have shape [num_experts, H, I] = {expected} to match w13 {list(w13.shape)} and "
+                         f"the hidden size of {x_name} ({hidden}), got {list(w2.shape)}")
+    for name, t in (("w13", w13), ("w2", w2)):
+        v.check_same_dtype(name, t, x_name, x)
+        v.check_tensor(name, t, device=x.device, like=x_name)
+
+
 def grouped_swiglu_experts(
-    rows: torch.Tensor, expert_offsets: torch.Tensor, w13: torch.Tensor, w2: torch.Tensor
+    rows: torch.Tensor,
+    expert_offsets: torch.Tensor,
+    w13: torch.Tensor,
+    w2: torch.Tensor,
+    *,
+    allow_padding: bool = False,
 ) -> torch.Tensor:
     """SwiGLU MLP of each expert on its segment of expert-major rows, differentiable in rows, w13 and w2.
 
     Arguments:
-        rows: [R, H] float32 / bfloat16 / float16, contiguous, segmented by `expert_offsets`.
-        expert_offsets: int64 [E + 1], expert_offsets[0] = 0, non-decreasing, expert_offsets[E] <= R.
+        rows: [R, H] float32 / bfloat16 / float16 (any strides), segmented by `expert_offsets`.
+        expert_offsets: int64 [E + 1], expert_offsets[0] = 0, non-decreasing, expert_offsets[E] = R: every row
+            belongs to an expert. With `allow_padding=True`, expert_offsets[E] <= R and the rows past it are padding
+            (zero in the output and in its gradient), e.g. a fixed-capacity buffer. The values are checked for
+            CPU tensors (on CUDA that would be a host sync).
         w13: [E, 2I, H] in rows.dtype, gate rows then up rows (HF `gate_up_proj`).
         w2: [E, H, I] in rows.dtype (HF `down_proj`).
 
     Returns:
-        [R, H] in rows.dtype: rows of expert e = down_e(silu(gate_e(x)) * up_e(x)); padding rows are zero.
+        [R, H] in rows.dtype: rows of expert e = down_e(silu(gate_e(x)) * up_e(x)).
     """
-    if w13.dim() != 3 or w2.dim() != 3 or w2.shape != (w13.shape[0], rows.shape[-1], w13.shape[1] // 2):
-        raise ValueError(
-            f"w2 must have shape [num_experts, H, I] = [{w13.shape[0]}, {rows.shape[-1]}, {w13.shape[1] // 2}] "
-            f"to match rows {tuple(rows.shape)} and w13 {tuple(w13.shape)}, got {tuple(w2.shape)}"
-        )
-    for name, t in (("expert_offsets", expert_offsets), ("w13", w13), ("w2", w2)):
-        if t.device != rows.device:
-            raise ValueError(f"{name} must be on {rows.device} like the rows, got {t.device}")
-    if w2.dtype != rows.dtype:
-        raise TypeError(f"w2 must have the dtype of the rows ({rows.dtype}), got {w2.dtype}")
-    return _GroupedSwiGLUExperts.apply(rows, expert_offsets, w13, w2)
+    v.check_tensor("rows", rows, dtypes=v.FLOAT_DTYPES, dim=2, layout="[num_rows, hidden]")
+    _check_expert_weights("rows", rows, w13, w2)
+    v.check_tensor("expert_offsets", expert_offsets, dtypes=(torch.int64,), shape=(w13.shape[0] + 1,),
+                   layout="(num_experts + 1, num_experts from w13)", device=rows.device, like="rows")
+    if v.can_read_values(expert_offsets):
+        offsets = expert_offsets.tolist()
+        if offsets[0] != 0 or any(b < a for a, b in zip(offsets, offsets[1:], strict=False)):
+            raise ValueError(f"expert_offsets must start at 0 and be non-decreasing, got {offsets}")
+        if offsets[-1] > rows.shape[0] or (offsets[-1] != rows.shape[0] and not allow_padding):
+            raise ValueError(f"expert_offsets[-1] must equal the number of rows ({rows.shape[0]}): every row "
+                             f"belongs to an expert (pass allow_padding=True for trailing padding rows), got "
+                             f"{offsets[-1]}")
+    return _GroupedSwiGLUExperts.apply(rows.contiguous(), expert_offsets.contiguous(), w13.contiguous(),
+                                       w2.contiguous())
 
 
 def experts_forward(
@@ -254,42 +293,42 @@ def experts_forward(
     """Routed experts with HF experts semantics, differentiable in x, topk_weights, w13 and w2.
 
     Arguments:
-        x: [T, H] float32 / bfloat16 / float16, contiguous.
+        x: [T, H] float32 / bfloat16 / float16 (any strides).
         topk_idx: [T, k] int32 (int64 is converted) expert ids, -1 = skipped slot; ids lie in [-1, E) or, with
             `expert_map`, in [-1, expert_map.numel()).
-        topk_weights: [T, k] routing weights; converted to float32 (the sum runs in fp32).
+        topk_weights: [T, k] floating routing weights; converted to float32 (the sum runs in fp32).
         w13: [E, 2I, H] in x.dtype, gate rows then up rows (HF `gate_up_proj`).
         w2: [E, H, I] in x.dtype (HF `down_proj`).
-        expert_map: optional int32 [E_global] -> local expert in [-1, E) (-1 = not on this rank, slot skipped).
+        expert_map: optional int32 / int64 [E_global] -> local expert in [-1, E) (-1 = not on this rank, slot
+            skipped).
 
     Returns:
         [T, H] in x.dtype: out[t] = sum_j w[t, j] * down_e(silu(gate_e(x_t)) * up_e(x_t)), e = topk_idx[t, j],
         accumulated in fp32 in ascending j.
     """
-    if topk_idx.dtype == torch.int64:
-        topk_idx = topk_idx.to(torch.int32)
-    if topk_weights.dtype != torch.float32 and topk_weights.is_floating_point():
-        topk_weights = topk_weights.float()
-    if x.dim() != 2 or topk_idx.dim() != 2 or topk_idx.shape[0] != x.shape[0]:
-        raise ValueError(
-            f"x must be [T, H] and topk_idx [T, k] with the same T, got x {tuple(x.shape)} and topk_idx "
-            f"{tuple(topk_idx.shape)}"
-        )
-    named = [("topk_idx", topk_idx), ("topk_weights", topk_weights), ("w13", w13), ("w2", w2)]
-    if expert_map is not None:
-        named.append(("expert_map", expert_map))
-    for name, t in named:
-        if t.device != x.device:
-            raise ValueError(f"{name} must be on {x.device} like x, got {t.device}")
+    v.check_tensor("x", x, dtypes=v.FLOAT_DTYPES, dim=2, layout="[num_tokens, hidden]")
+    v.check_tensor("topk_idx", topk_idx, dtypes=v.INDEX_DTYPES, dim=2, layout="[num_tokens, top_k]")
+    if topk_idx.shape[0] != x.shape[0]:
+        raise ValueError(f"x [T, H] and topk_idx [T, k] must have the same T (num_tokens), got x {list(x.shape)} "
+                         f"and topk_idx {list(topk_idx.shape)}")
+    v.check_tensor("topk_idx", topk_idx, device=x.device, like="x")
+    v.check_tensor("topk_weights", topk_weights, device=x.device, like="x")
+    if not topk_weights.is_floating_point():
+        raise TypeError(f"topk_weights must be a floating-point tensor, got {v.dtype_name(topk_weights.dtype)}")
     if topk_weights.shape != topk_idx.shape:
-        raise ValueError(
-            f"topk_weights must have the shape of topk_idx {tuple(topk_idx.shape)}, got {tuple(topk_weights.shape)}"
-        )
-    if w13.dim() != 3:
-        raise ValueError(f"w13 must be 3-D [num_experts, 2 * I, H], got shape {tuple(w13.shape)}")
+        raise ValueError(f"topk_weights must have the shape of topk_idx {list(topk_idx.shape)}, got "
+                         f"{list(topk_weights.shape)}")
+    _check_expert_weights("x", x, w13, w2)
+    if expert_map is not None:
+        v.check_tensor("expert_map", expert_map, dtypes=v.INDEX_DTYPES, dim=1, layout="[num_global_experts]",
+                       device=x.device, like="x")
+        expert_map = expert_map.to(torch.int32).contiguous()
+    topk_idx = topk_idx.to(torch.int32).contiguous()
+    topk_weights = topk_weights.to(torch.float32).contiguous()
     num_topk = topk_idx.shape[1]
     with torch.no_grad():
         _, expert_offsets, slot_to_row, row_to_slot = _ops.moe_layout(topk_idx, w13.shape[0], expert_map)
-    rows = _Permute.apply(x, row_to_slot, slot_to_row, num_topk)
-    y = grouped_swiglu_experts(rows, expert_offsets, w13, w2)
+    # Row capacity T*k: rows past expert_offsets[-1] are padding (skipped slots), zero in every op output.
+    rows = _Permute.apply(x.contiguous(), row_to_slot, slot_to_row, num_topk)
+    y = _GroupedSwiGLUExperts.apply(rows, expert_offsets, w13.contiguous(), w2.contiguous())
     return _Unpermute.apply(y, slot_to_row, topk_weights)

@@ -11,11 +11,12 @@ import torch.distributed as dist
 import torch.nn.functional as F
 from torch import nn
 
-from epmoe import balance, eplb, training
+from epmoe import _validate, balance, eplb, training
 from epmoe.experts import experts_forward, grouped_swiglu_experts
 from epmoe.ops import route
 
 __all__ = ["MoEConfig", "MoE"]
+
 
 _SCORINGS = ("softmax", "sigmoid")
 _MODES = ("exact", "capacity")
@@ -25,7 +26,7 @@ _MODES = ("exact", "capacity")
 class MoEConfig:
     """Configuration of an `epmoe.MoE` layer.
 
-    Routing follows DESIGN §3 (`epmoe.route`): `scoring`, `num_groups`/`topk_groups`, an optional fp32 correction
+    Routing as in `epmoe.route` (docs/semantics.md): `scoring`, `num_groups`/`topk_groups`, an optional fp32 correction
     bias (`use_bias`, selection only), `renormalize`, then `scaling_factor`. Shared experts are a dense SwiGLU MLP of
     `shared_intermediate_size` (default `moe_intermediate_size * num_shared_experts`) replicated on every rank.
     `num_redundant_experts` extra physical slots hold EPLB replicas of hot experts; `(num_experts +
@@ -219,6 +220,15 @@ class MoE(nn.Module):
             self.recorder = eplb.LoadRecorder(1, self.config.num_slots, self.config.eplb_window, device=device)
         self.recorder.reset()
 
+    def extra_repr(self) -> str:
+        cfg = self.config
+        policy = getattr(cfg, "replica_policy", "hash")
+        return (f"num_experts={cfg.num_experts}, top_k={cfg.top_k}, hidden_size={cfg.hidden_size}, "
+                f"moe_intermediate_size={cfg.moe_intermediate_size}, ep_size={self.num_ranks}, ep_rank={self.rank}, "
+                f"num_local_slots={self.num_local_slots}, num_redundant_experts={cfg.num_redundant_experts}, "
+                f"dtype={_validate.dtype_name(cfg.dtype)}, exchange_mode={cfg.exchange_mode!r}, "
+                f"replica_policy={policy!r}, layer_idx={self.layer_idx}")
+
     # ---- parameters
 
     def reset_parameters(self, generator: torch.Generator | None = None) -> None:
@@ -363,10 +373,16 @@ class MoE(nn.Module):
 
     def forward(self, hidden_states: torch.Tensor) -> torch.Tensor:
         cfg = self.config
-        if hidden_states.shape[-1] != cfg.hidden_size:
-            raise ValueError(
-                f"hidden_states must end in hidden_size={cfg.hidden_size}, got shape {tuple(hidden_states.shape)}"
-            )
+        # Input checks (docs/errors.md): any strides are accepted; other dtypes are not cast silently.
+        _validate.check_tensor("hidden_states", hidden_states, dtypes=_validate.FLOAT_DTYPES)
+        if hidden_states.dim() == 0 or hidden_states.shape[-1] != cfg.hidden_size:
+            raise ValueError(f"hidden_states must have shape [..., {cfg.hidden_size}] (hidden_size), got "
+                             f"{list(hidden_states.shape)}")
+        if hidden_states.is_meta:
+            raise ValueError("hidden_states is on the meta device: MoE.forward routes real tokens, so it needs data "
+                             "(materialise the layer and the input first)")
+        _validate.check_tensor("hidden_states", hidden_states, device=self.gate_weight.device,
+                               like="the layer's parameters")
         shape = hidden_states.shape
         x = hidden_states.reshape(-1, cfg.hidden_size)
         logits = self.router_logits(x)

@@ -1,7 +1,8 @@
 """Typed Python entry points of the torch.ops.epmoe ops, with fake (meta) impls so torch.compile can trace them.
 
-Validation lives in the C++ op (TORCH_CHECK with messages that name the Python argument), so calling
-torch.ops.epmoe.* directly is as safe as calling these wrappers.
+The wrappers validate their arguments (`epmoe._validate`: TypeError / ValueError naming the argument) and make
+non-contiguous inputs contiguous; the C++ ops keep their own TORCH_CHECKs, so calling torch.ops.epmoe.* directly
+is safe too (it only requires contiguous inputs).
 """
 
 from __future__ import annotations
@@ -9,10 +10,9 @@ from __future__ import annotations
 import torch
 
 from epmoe import _loader  # noqa: F401  (loads _C, which registers the ops)
+from epmoe import _validate as v
 
 __all__ = ["route"]
-
-
 
 def route(
     router_logits: torch.Tensor,
@@ -28,7 +28,7 @@ def route(
     """Fused grouped top-K routing (DeepSeek-V2/V3, Qwen3-MoE, Mixtral gates).
 
     Arguments:
-        router_logits: [num_tokens, num_experts] float32 / bfloat16 / float16, contiguous; scoring runs in fp32.
+        router_logits: [num_tokens, num_experts] float32 / bfloat16 / float16 (any strides); scoring runs in fp32.
         top_k: experts per token, 1 <= top_k <= topk_groups * num_experts / num_groups.
         scoring: "softmax" (over all experts) or "sigmoid" (elementwise).
         num_groups: experts are split into this many contiguous groups (1 = no grouping).
@@ -42,8 +42,19 @@ def route(
         topk_weights: float32 [num_tokens, top_k], gathered from the unbiased scores.
         topk_idx: int32 [num_tokens, top_k], in descending order of selection score; ties go to the lower index.
     """
+    v.check_tensor("router_logits", router_logits, dtypes=v.FLOAT_DTYPES, dim=2, layout="[num_tokens, num_experts]")
+    top_k = v.check_int("top_k", top_k, minimum=1)
+    v.check_choice("scoring", scoring, ("softmax", "sigmoid"))
+    num_groups = v.check_int("num_groups", num_groups, minimum=1)
+    topk_groups = v.check_int("topk_groups", topk_groups, minimum=1)
+    if bias is not None:
+        v.check_tensor("bias", bias, dtypes=(torch.float32,), shape=(router_logits.shape[1],), layout="(num_experts)",
+                       device=router_logits.device, like="router_logits")
+        bias = bias.contiguous()
+    renormalize = v.check_bool("renormalize", renormalize)
+    scaling_factor = v.check_float("scaling_factor", scaling_factor)
     return torch.ops.epmoe.route(
-        router_logits, top_k, scoring, num_groups, topk_groups, bias, renormalize, float(scaling_factor)
+        router_logits.contiguous(), top_k, scoring, num_groups, topk_groups, bias, renormalize, scaling_factor
     )
 
 

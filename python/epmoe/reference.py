@@ -29,7 +29,7 @@ def route_reference(
     renormalize: bool = True,
     scaling_factor: float = 1.0,
 ) -> tuple[torch.Tensor, torch.Tensor]:
-    """Grouped top-K routing (DESIGN.md §3), vectorised over tokens.
+    """Grouped top-K routing (docs/semantics.md), vectorised over tokens.
 
     Semantics, in fp32 whatever the input dtype:
 

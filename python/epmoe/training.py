@@ -17,7 +17,6 @@ Invariants:
 from __future__ import annotations
 
 import itertools
-import logging
 import weakref
 import zlib
 
@@ -28,11 +27,12 @@ from torch import nn
 from torch.optim.optimizer import register_optimizer_step_pre_hook
 
 from epmoe import balance, eplb
+from epmoe._logging import get_logger
 
 __all__ = ["apply_placement", "check_agreement", "exclude_from_ddp", "moe_layers", "rebalance_layers",
            "rebalance_model", "sync_grads"]
 
-logger = logging.getLogger("epmoe.training")
+log = get_logger("epmoe.layer")  # moves are the layer's events (rank-prefixed records, as the layer's other logs)
 
 _MAGIC = 0x45504D4F45  # "EPMOE": marks a header, so a header never matches another collective's payload
 _KINDS = ("sync_grads", "rebalance", "apply_placement", "update_bias")
@@ -603,9 +603,10 @@ def apply_placement(moe, placement, *, optimizer=None, extra_tensors=None) -> di
     row = _layer_row(placement, moe)
     row.validate()
     moving = _start_move([moe], "apply_placement", optimizer, extra_tensors)
+    previous = moe.placement
     sent = _move([moe], [row], moving)[0]
-    logger.info("rank %d/%d: MoE layer %d moved to a given placement, %d bytes sent", moe.rank, moe.num_ranks,
-                moe.layer_idx, sent)
+    log.info("layer %d: placement applied: %d slots changed, %d bytes sent by this rank", moe.layer_idx,
+             row.moves_from(previous).changed_slots, sent)
     return {"bytes_moved": sent}
 
 
@@ -629,13 +630,18 @@ def rebalance_layers(layers, *, optimizer=None, max_moves=None, extra_tensors=No
     new = eplb.plan(load, cfg.num_slots, first.num_ranks, previous=previous, max_moves=max_moves)
     before, after = eplb.balancedness(load, previous), eplb.balancedness(load, new)
     rows = [eplb.Placement(new.numpy()[0][i:i + 1], cfg.num_experts, first.num_ranks) for i in range(len(layers))]
+    changed = [row.moves_from(moe.placement).changed_slots for moe, row in zip(layers, rows, strict=True)]
     sent = _move(layers, rows, moving)
     stats = []
     for i, moe in enumerate(layers):
         stats.append({"balancedness_before": float(before[i]), "balancedness_after": float(after[i]),
                       "bytes_moved": sent[i]})
-        logger.info("rank %d/%d: MoE layer %d rebalanced, balancedness %.3f -> %.3f, %d bytes sent", moe.rank,
-                    moe.num_ranks, moe.layer_idx, before[i], after[i], sent[i])
+        if changed[i] == 0:
+            log.info("layer %d: EPLB rebalance kept the placement (balancedness %.4f on the recorded window)",
+                     moe.layer_idx, before[i])
+        else:
+            log.info("layer %d: EPLB rebalance: balancedness %.4f -> %.4f, %d slots changed, %d bytes sent by this "
+                     "rank", moe.layer_idx, before[i], after[i], changed[i], sent[i])
     return stats
 
 

@@ -18,14 +18,6 @@ def free_port() -> int:
         return s.getsockname()[1]
 
 
-def _pack(obj) -> bytes:
-    # Results travel as bytes: a tensor put on a torch.multiprocessing queue is shared through a file descriptor
-    # that the parent fetches from the worker, which may have exited by then (ConnectionResetError).
-    buf = io.BytesIO()
-    torch.save(obj, buf)
-    return buf.getvalue()
-
-
 def _worker(rank, world_size, port, fn, args, queue, pg_timeout):
     try:
         os.environ["OMP_NUM_THREADS"] = "1"
@@ -40,7 +32,11 @@ def _worker(rank, world_size, port, fn, args, queue, pg_timeout):
             timeout=datetime.timedelta(seconds=pg_timeout),
         )
         result = fn(rank, world_size, *args)
-        queue.put((rank, "ok", _pack(result)))
+        # By value: tensors put on the queue as is travel as shared-memory handles that the parent can only open
+        # while this process is alive, and it may exit first.
+        buffer = io.BytesIO()
+        torch.save(result, buffer)
+        queue.put((rank, "ok", buffer.getvalue()))
     except BaseException:  # noqa: BLE001 - any failure of a worker fails the test
         queue.put((rank, "error", traceback.format_exc()))
     finally:

@@ -15,6 +15,10 @@ def test_demo_runs_and_matches_reference(tmp_path, preset):
     proc = subprocess.run(cmd, capture_output=True, text=True, timeout=300, check=False)
     assert proc.returncode == 0, proc.stdout + proc.stderr
     assert "MATCH" in proc.stdout and "per-rank load max/mean" in proc.stdout
+    # Piped: progress is one plain line per step on stderr, never a carriage return.
+    assert "\r" not in proc.stdout + proc.stderr
+    progress = [line for line in proc.stderr.splitlines() if line.startswith("epmoe demo [")]
+    assert len(progress) == 2 * 2 + 3 and progress[-1] == "epmoe demo [7/7] done", proc.stderr
     report = json.loads((out / "report.json").read_text())
     assert report["match"] is True and report["max_abs_err"] <= report["tolerance"]
     assert report["ranks"] == 2 and len(report["before"]["rank_load"]) == 2
@@ -27,7 +31,8 @@ def test_demo_runs_and_matches_reference(tmp_path, preset):
 def test_demo_rejects_bad_arguments():
     proc = subprocess.run([sys.executable, "-m", "epmoe.cli", "demo", "--steps", "0"], capture_output=True,
                           text=True, timeout=120, check=False)
-    assert proc.returncode != 0 and "--steps" in proc.stderr
+    assert proc.returncode == 2 and proc.stderr.startswith("epmoe demo: error: argument --steps")
+    assert "Traceback" not in proc.stderr
 
 
 def test_bench_runner_prints_summary(tmp_path):
@@ -36,3 +41,10 @@ def test_bench_runner_prints_summary(tmp_path):
     assert proc.returncode == 0, proc.stdout + proc.stderr
     summary = json.loads((tmp_path / "bench_eplb.json").read_text())["summary"]
     assert summary and all(row["metric"] in proc.stdout for row in summary)
+    # Progress: plain lines with the ETA when piped (no carriage returns), the script's own log, the durations.
+    assert "\r" not in proc.stdout + proc.stderr
+    assert "epmoe bench --quick [0/1] bench_eplb (ETA " in proc.stderr
+    assert "epmoe bench --quick [1/1] bench_eplb ok in " in proc.stderr
+    run = json.loads((tmp_path / "runs.json").read_text())["quick"]["bench_eplb"]
+    assert run["status"] == "ok" and 0 < run["seconds"] and run["budget_s"] > 0
+    assert (tmp_path / "bench_eplb.log").read_text().strip()

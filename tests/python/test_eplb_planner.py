@@ -237,7 +237,7 @@ def test_cli_plan_errors(tmp_path, capsys):
     src = tmp_path / "load.npy"
     np.save(src, lognormal_load(2, 16, 1.0, 7))
     assert plan_main([str(src), "--slots", "20", "--ranks", "8", "-o", str(tmp_path / "x.json")]) == 2
-    assert "divisible" in capsys.readouterr().out
+    assert "divisible" in capsys.readouterr().err
     bad = tmp_path / "load.txt"
     bad.write_text("1 2 3")
     assert plan_main([str(bad), "--slots", "16", "--ranks", "8", "-o", str(tmp_path / "x.json")]) == 2

@@ -75,7 +75,7 @@ def test_layout_bad_input():
         moe_layout(ids, 4)
     with pytest.raises(ValueError, match="topk_idx"):
         moe_layout(torch.tensor([[0, -2]], dtype=torch.int32), 4)
-    with pytest.raises(TypeError, match="topk_idx must be Int"):
+    with pytest.raises(TypeError, match="topk_idx must be int32, got int64"):
         moe_layout(ids.long(), 8)
     with pytest.raises(ValueError, match="topk_idx must be contiguous"):
         moe_layout(torch.zeros(4, 2, dtype=torch.int32).t(), 8)
@@ -133,7 +133,7 @@ def test_permute_bad_input():
     with pytest.raises(TypeError, match="x must be float32"):
         moe_permute(x.double(), r2s, 2)
     s2r = torch.arange(8, dtype=torch.int32).view(4, 2)
-    with pytest.raises(TypeError, match="topk_weights must be Float"):
+    with pytest.raises(TypeError, match="topk_weights must be float32, got float64"):
         moe_unpermute(x.repeat(2, 1), s2r, torch.ones(4, 2, dtype=torch.float64))
     with pytest.raises(ValueError, match="topk_weights must have the shape"):
         moe_unpermute(x.repeat(2, 1), s2r, torch.ones(4, 3))

@@ -192,15 +192,17 @@ def test_apply_placement_moves_weights_grads_and_state():
     assert all(run_ranks(_apply_placement, 2, timeout=90).values())
 
 
-def test_rebalance_logs_at_info(caplog):
+def test_rebalance_and_apply_placement_log_at_info(caplog):
     moe = MoE(config())
     with torch.no_grad():
         moe(skewed(0, 0))
-    with caplog.at_level(logging.INFO, logger="epmoe.training"):
+    with caplog.at_level(logging.INFO, logger="epmoe"):
         stats = moe.rebalance()
-    record = next(r for r in caplog.records if r.name == "epmoe.training")
-    assert record.levelno == logging.INFO and "rebalanced" in record.getMessage()
-    assert f"{stats['balancedness_after']:.3f}" in record.getMessage()
+        moe.apply_placement(eplb.plan(torch.ones(1, E), config().num_slots, 1))
+    messages = [r.getMessage() for r in caplog.records if r.name == "epmoe.layer" and r.levelno == logging.INFO]
+    assert any(m.startswith("layer 0: EPLB rebalance:") and f"{stats['balancedness_after']:.4f}" in m
+               for m in messages), messages
+    assert any(m.startswith("layer 0: placement applied") for m in messages), messages
 
 
 def test_sync_grads_twice_is_idempotent_and_counts_steps():

@@ -12,6 +12,7 @@ from __future__ import annotations
 import numpy as np
 import torch
 
+from .._validate import check_int
 from .placement import as_load_array
 
 __all__ = ["rebalance_experts", "balanced_packing", "replicate_experts"]
@@ -136,8 +137,7 @@ def rebalance_experts(weight, num_replicas: int, num_groups: int, num_nodes: int
     num_layers, num_log = arr.shape
     for name, value in (("num_replicas", num_replicas), ("num_groups", num_groups), ("num_nodes", num_nodes),
                         ("num_gpus", num_gpus)):
-        if not isinstance(value, int) or value <= 0:
-            raise ValueError(f"{name} must be a positive int, got {value!r}")
+        check_int(name, value, minimum=1)
     if num_replicas < num_log:
         raise ValueError(f"num_replicas ({num_replicas}) must be >= the number of experts ({num_log})")
     if num_replicas % num_gpus != 0:

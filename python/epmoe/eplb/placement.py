@@ -17,12 +17,21 @@ from pathlib import Path
 import numpy as np
 import torch
 
+from .._validate import check_int
+
 __all__ = ["Placement", "MoveStats", "balancedness", "rank_load", "as_load_array", "num_redundant_auto"]
 
 
 def as_load_array(load, name: str = "load") -> np.ndarray:
     """Converts a load ([L, E] or [E]; torch tensor, numpy array or nested list) to float64 numpy [L, E]."""
+    if load is None or isinstance(load, (str, bytes)):
+        raise TypeError(f"{name} must be a numeric tensor, array or nested list [num_layers, num_experts], got "
+                        f"{type(load).__name__}")
     if isinstance(load, torch.Tensor):
+        if load.is_meta:
+            raise ValueError(f"{name} is a meta tensor: the planner needs the load values")
+        if load.is_complex():
+            raise TypeError(f"{name} must be real, got {str(load.dtype).removeprefix('torch.')}")
         arr = load.detach().to("cpu", torch.float64).numpy()
     else:
         try:
@@ -45,10 +54,8 @@ def num_redundant_auto(num_experts: int, num_ranks: int, min_redundant: int = 0)
     Example: 256 experts on 48 ranks -> 32 (288 slots, 6 per rank); with `min_redundant=40` -> 80.
     """
     for name, value in (("num_experts", num_experts), ("num_ranks", num_ranks)):
-        if not isinstance(value, int) or value <= 0:
-            raise ValueError(f"{name} must be a positive int, got {value!r}")
-    if not isinstance(min_redundant, int) or min_redundant < 0:
-        raise ValueError(f"min_redundant must be a non-negative int, got {min_redundant!r}")
+        check_int(name, value, minimum=1)
+    check_int("min_redundant", min_redundant, minimum=0)
     return min_redundant + (-(num_experts + min_redundant)) % num_ranks
 
 
@@ -101,13 +108,13 @@ class Placement:
         if isinstance(phy2log, torch.Tensor):
             phy2log = phy2log.detach().cpu().numpy()
         phy2log = np.asarray(phy2log)
-        if phy2log.ndim != 2 or not np.issubdtype(phy2log.dtype, np.integer):
-            raise ValueError(f"phy2log must be an integer array [num_layers, num_slots], got {phy2log.dtype} "
-                             f"{tuple(phy2log.shape)}")
-        if not isinstance(num_experts, int) or num_experts <= 0:
-            raise ValueError(f"num_experts must be a positive int, got {num_experts!r}")
-        if not isinstance(num_ranks, int) or num_ranks <= 0:
-            raise ValueError(f"num_ranks must be a positive int, got {num_ranks!r}")
+        if not np.issubdtype(phy2log.dtype, np.integer):
+            raise TypeError(f"phy2log must be an integer array [num_layers, num_slots], got {phy2log.dtype}")
+        if phy2log.ndim != 2 or phy2log.size == 0:
+            raise ValueError(f"phy2log must be a non-empty [num_layers, num_slots] array, got shape "
+                             f"{list(phy2log.shape)}")
+        num_experts = check_int("num_experts", num_experts, minimum=1)
+        num_ranks = check_int("num_ranks", num_ranks, minimum=1)
         num_slots = phy2log.shape[1]
         if num_slots % num_ranks != 0:
             raise ValueError(f"num_slots ({num_slots}) must be divisible by num_ranks ({num_ranks})")
@@ -279,6 +286,8 @@ def rank_load(load, placement: Placement) -> np.ndarray:
         load: [L, E] logical load (tokens per expert), any numeric dtype.
         placement: a `Placement` with the same L and E.
     """
+    if not isinstance(placement, Placement):
+        raise TypeError(f"placement must be an epmoe.eplb.Placement, got {type(placement).__name__}")
     arr = as_load_array(load)
     if arr.shape != (placement.num_layers, placement.num_experts):
         raise ValueError(f"load must have shape {(placement.num_layers, placement.num_experts)}, got {arr.shape}")

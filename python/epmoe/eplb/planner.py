@@ -26,6 +26,7 @@ from typing import NamedTuple
 import numpy as np
 import torch
 
+from .._validate import check_int
 from .placement import Placement, as_load_array
 
 __all__ = ["plan", "STRATEGIES"]
@@ -645,8 +646,7 @@ def _best_reassignments(view: _View, hold: np.ndarray, node_cnt, node_of_rank: n
 
 
 def _check_int(name: str, value, minimum: int = 1) -> None:
-    if isinstance(value, bool) or not isinstance(value, (int, np.integer)) or value < minimum:
-        raise ValueError(f"{name} must be an int >= {minimum}, got {value!r}")
+    check_int(name, value, minimum=minimum)  # TypeError for a non-int, ValueError below the minimum
 
 
 def plan(load, num_slots: int, num_ranks: int, *, num_nodes: int = 1, num_groups: int = 1, strategy: str = "global",
@@ -698,8 +698,14 @@ def plan(load, num_slots: int, num_ranks: int, *, num_nodes: int = 1, num_groups
             raise ValueError("max_moves needs previous (the placement to repair)")
     prev_phy = None
     if previous is not None:
+        if not isinstance(previous, (Placement, torch.Tensor, np.ndarray)):
+            raise TypeError(f"previous must be a Placement or an integer phy2log [num_layers, num_slots], got "
+                            f"{type(previous).__name__}")
         if not isinstance(previous, Placement):
-            previous = Placement(previous, num_experts, num_ranks)
+            try:
+                previous = Placement(previous, num_experts, num_ranks)
+            except (TypeError, ValueError) as exc:
+                raise type(exc)(f"previous: {exc}") from exc
         if (previous.num_layers, previous.num_slots, previous.num_experts, previous.num_ranks) != (
                 num_layers, num_slots, num_experts, num_ranks):
             raise ValueError(f"previous has (layers, slots, experts, ranks) = "

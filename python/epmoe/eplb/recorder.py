@@ -5,6 +5,8 @@ from __future__ import annotations
 import torch
 import torch.distributed as dist
 
+from .. import _validate as v
+
 __all__ = ["LoadRecorder"]
 
 
@@ -24,8 +26,7 @@ class LoadRecorder:
 
     def __init__(self, num_layers: int, num_slots: int, window_size: int, device=None):
         for name, value in (("num_layers", num_layers), ("num_slots", num_slots), ("window_size", window_size)):
-            if not isinstance(value, int) or value <= 0:
-                raise ValueError(f"{name} must be a positive int, got {value!r}")
+            v.check_int(name, value, minimum=1)
         self.num_layers = num_layers
         self.num_slots = num_slots
         self.window_size = window_size
@@ -42,14 +43,16 @@ class LoadRecorder:
             layer: MoE layer index in [0, L).
             phys_idx: int32/int64 [T, k] physical slot ids on `device`; -1 entries are ignored.
         """
+        v.check_int("layer", layer)
         if not 0 <= layer < self.num_layers:
             raise ValueError(f"layer must lie in [0, {self.num_layers}), got {layer}")
-        if phys_idx.dtype not in (torch.int32, torch.int64):
-            raise TypeError(f"phys_idx must be int32 or int64, got {phys_idx.dtype}")
-        if phys_idx.device != self.device:
-            raise ValueError(f"phys_idx must be on {self.device}, got {phys_idx.device}")
+        v.check_tensor("phys_idx", phys_idx, dtypes=v.INDEX_DTYPES, dim=2, layout="[num_tokens, top_k]",
+                       device=self.device, like="the recorder")
         # A fused counting op (CPU loop / CUDA shared-memory histogram): no sync, no temporaries.
-        torch.ops.epmoe.count_slots(self._window[self._cursor, layer], phys_idx.to(torch.int32).contiguous())
+        try:
+            torch.ops.epmoe.count_slots(self._window[self._cursor, layer], phys_idx.to(torch.int32).contiguous())
+        except ValueError as exc:  # the op checks the ids in the same pass (no extra cost when they are valid)
+            raise ValueError(f"phys_idx values must lie in [-1, {self.num_slots}) (num_slots): {exc}") from exc
 
     def step(self) -> None:
         """Closes the current step; the next one overwrites the oldest step of the window."""
@@ -79,8 +82,12 @@ class LoadRecorder:
             num_experts: E.
             group: as in `window_load`.
         """
-        if tuple(phy2log.shape) != (self.num_layers, self.num_slots):
-            raise ValueError(f"phy2log must have shape {(self.num_layers, self.num_slots)}, got {tuple(phy2log.shape)}")
+        v.check_tensor("phy2log", phy2log, dtypes=v.INDEX_DTYPES, shape=(self.num_layers, self.num_slots),
+                       layout="(num_layers, num_slots)")
+        num_experts = v.check_int("num_experts", num_experts, minimum=1)
+        if phy2log.numel() and (int(phy2log.min()) < 0 or int(phy2log.max()) >= num_experts):
+            raise ValueError(f"phy2log values must lie in [0, {num_experts}) (num_experts), got "
+                             f"[{int(phy2log.min())}, {int(phy2log.max())}]")
         per_slot = self.window_load(group)
         out = torch.zeros(self.num_layers, num_experts, dtype=torch.int64, device=per_slot.device)
         return out.scatter_add_(1, phy2log.to(per_slot.device, torch.int64), per_slot)

@@ -3,8 +3,10 @@ benchmark's layer (benchmarks/bench_layer.py: E=64, 8 groups / 4 kept, top-6, si
 H=512, I=256, T=2048 tokens in total, T/R per rank, fp32, CPU, gloo).
 
 A step is forward + backward + `sync_grads` + AdamW `step`; each part is timed on every rank after a barrier and
-the slowest rank's time counts. Runs EP=1 and EP=2, each without and with 16 redundant experts (with redundancy,
-replica gradients are summed across slots and ranks). Reports median ms and the ratio sync_grads / step.
+the slowest rank's time counts. Every rank runs one thread: on a shared 2-core machine two-thread regions of small
+ops (sync_grads' per-slot copies) wait for the second core and would measure the scheduler, not the work.
+Runs EP=1 and EP=2, each without and with 16 redundant experts (with redundancy, replica gradients are summed
+across slots and ranks). Reports median ms and the ratio sync_grads / step.
 
     python benchmarks/bench_training.py [--quick] [--out f.json]
 """
@@ -40,6 +42,7 @@ def make_layer(num_redundant: int, group=None):
 def run(rank: int, world: int, num_redundant: int, reps: int) -> dict:
     import epmoe
 
+    torch.set_num_threads(1)
     moe = make_layer(num_redundant, dist.group.WORLD if world > 1 else None)
     opt = torch.optim.AdamW(moe.parameters(), lr=1e-4)
     gen = torch.Generator().manual_seed(1)
@@ -71,7 +74,6 @@ def run(rank: int, world: int, num_redundant: int, reps: int) -> dict:
 
 def _worker(rank, world, port, num_redundant, reps, queue):
     try:
-        torch.set_num_threads(max(1, (os.cpu_count() or 1) // world))
         dist.init_process_group("gloo", init_method=f"tcp://127.0.0.1:{port}", rank=rank, world_size=world,
                                 timeout=datetime.timedelta(seconds=300))
         queue.put((rank, run(rank, world, num_redundant, reps)))
@@ -107,7 +109,8 @@ def main() -> None:
     args = parser.parse_args()
     reps = 3 if args.quick else 9
     print(f"training step of the DeepSeek-V3-style benchmark layer: E={NUM_EXPERTS}, top-{TOP_K}, H={HIDDEN}, "
-          f"I={INTER}, T={TOTAL_TOKENS} total, fp32, AdamW, CPU ({os.cpu_count()} cores), median of {reps}")
+          f"I={INTER}, T={TOTAL_TOKENS} total, fp32, AdamW, CPU ({os.cpu_count()} cores, 1 thread per rank), "
+          f"median of {reps}")
     print(f"{'ranks':>5} {'redundant':>9} {'fwd+bwd ms':>11} {'sync ms':>8} {'adamw ms':>9} {'step ms':>8} "
           f"{'sync/step':>9}")
     rows, summary = [], []

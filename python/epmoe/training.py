@@ -3,9 +3,9 @@
 Invariants:
 - After `sync_grads(model)` every parameter of every `epmoe.MoE` in `model` holds the gradient of the mean over
   all ranks (EP group x DP group) of each rank's loss. Replicated parameters are averaged; an expert's gradient is
-  the sum over all its replicas (slots and ranks), reduced to one value by its owner (the lowest EP rank holding
-  it), averaged over the DP group, scaled, and copied to every replica: replicas get bitwise the same gradient and
-  stay bitwise identical under any optimizer.
+  the sum over all its replicas (slots and ranks), reduced to one value by its owner (holder number e mod #holders
+  of expert e, so owners spread over the ranks), averaged over the DP group, scaled, and copied to every replica:
+  replicas get bitwise the same gradient and stay bitwise identical under any optimizer.
 - Weights, their `.grad` and every per-slot optimizer state tensor move together, atomically per layer
   (`eplb.rearrange`, checksummed), and only at safe points: in `sync_grads` (automatic `eplb_interval`),
   `MoE.rebalance`, `MoE.apply_placement` and `rebalance_model` - never between a forward and its backward.
@@ -326,11 +326,13 @@ class _ExpertPlan:
             ranks = holders[expert]
             if len(ranks) < 2:
                 continue
-            if ranks[0] == me:
-                for rank in ranks[1:]:
-                    self.recv.setdefault(rank, []).append(expert)
+            owner = ranks[expert % len(ranks)]  # spreads the owners (and the traffic) over the holders
+            if owner == me:
+                for rank in ranks:
+                    if rank != me:
+                        self.recv.setdefault(rank, []).append(expert)
             elif me in ranks:
-                self.send.setdefault(ranks[0], []).append(expert)
+                self.send.setdefault(owner, []).append(expert)
         self.needs_fold = any(len(slots) > 1 for slots in self.local.values())
 
 
@@ -364,7 +366,8 @@ def _exchange(moe, grads, plan_out: dict, plan_in: dict, slots_of) -> dict:
 
 @torch.no_grad()
 def _reduce_expert_grads(moe, *, fold: bool, finish: bool) -> None:
-    """fold: every replica's gradient is a partial sum; sum them per logical expert into the owner's first slot.
+    """fold: every replica's gradient is a partial sum; sum them per logical expert into the owner's first slot (fp32:
+    the owner's local replicas in slot order, then the other holders in ascending rank order, rounded once).
     finish: all-reduce over the DP group and scale by 1 / (EP size * DP size). Then the owner's value is copied to
     every replica (bitwise)."""
     grads = [p.grad for p in (moe.w13, moe.w2) if p.grad is not None]  # the same on every rank (_grad_states)

@@ -218,3 +218,36 @@ def test_sync_grads_twice_is_idempotent_and_counts_steps():
     moe(skewed(1, 0)).square().mean().backward()
     epmoe.sync_grads(moe)  # the second step: eplb_interval=2 rebalances after the sync
     assert moe.placement != placement
+
+
+def _many_holders(rank, world):
+    """Expert 0 on every rank (and twice on one), others on two ranks or one: each replica's gradient after
+    sync_grads is bitwise the same and equals the single-process gradient of the mean loss."""
+    cfg = config(num_experts=8, num_redundant_experts=8, num_shared_experts=0)
+    torch.manual_seed(3)
+    moe = MoE(cfg)
+    moe.apply_placement(eplb.Placement(torch.tensor([[0, 1, 2, 0, 0, 4, 5, 6, 0, 7, 1, 2, 0, 3, 4, 5]]), 8, world))
+    xs = [skewed(20, r, num_tokens=16) for r in range(world)]
+    moe(xs[rank]).square().mean().backward()
+    epmoe.sync_grads(moe)
+    torch.manual_seed(3)
+    single = MoE(cfg, [dist.new_group([r]) for r in range(world)][rank])
+    (sum(single(x).square().mean() for x in xs) / world).backward()
+    epmoe.sync_grads(single)
+    want = {e: single.w13.grad[s] for s, e in enumerate(single.local_slot_experts().tolist())}
+    got = [None] * world
+    mine = [(e, moe.w13.grad[s].tolist()) for s, e in enumerate(moe.local_slot_experts().tolist())]
+    dist.all_gather_object(got, mine)
+    replicas: dict = {}
+    for part in got:
+        for expert, grad in part:
+            replicas.setdefault(expert, []).append(grad)
+    assert len(replicas[0]) == 5
+    for expert, grads in replicas.items():
+        assert all(g == grads[0] for g in grads), f"replicas of expert {expert} differ"
+        torch.testing.assert_close(torch.tensor(grads[0]), want[expert], rtol=1e-5, atol=1e-7)
+    return True
+
+
+def test_experts_with_many_holders_on_four_ranks():
+    assert all(run_ranks(_many_holders, 4, timeout=120).values())

@@ -6,7 +6,8 @@ per-expert cuBLAS matmuls; permute/unpermute vs copy bandwidth. Ceilings measure
 torch.matmul (TFLOP/s) and a large device-to-device copy (GB/s). Every timing: CUDA graph of the op, L2 flushed
 before each replay, median of repeats. Prints a table, writes JSON. Exits 0 with a message when no GPU.
 
-Usage: python benchmarks/bench_experts_gpu.py [--out bench_experts_gpu.json] [--repeats 20]
+Usage: python benchmarks/bench_experts_gpu.py [--quick] [--out bench_experts_gpu.json] [--repeats 20]
+(--quick: rows per expert 32 and 512 only, at most 64 experts, 5 repeats: the budget of scripts/gpu_check.sh)
 """
 
 from __future__ import annotations
@@ -15,8 +16,13 @@ import argparse
 import json
 import statistics
 import sys
+from pathlib import Path
 
 import torch
+
+sys.path.insert(0, str(Path(__file__).resolve().parents[1] / "python"))  # this checkout's epmoe, no install needed
+
+import epmoe  # noqa: E402, F401  (registers torch.ops.epmoe)
 
 SHAPES = {"deepseek-v3": (7168, 2048), "qwen3-30b": (2048, 768), "qwen3-235b": (4096, 1536)}
 ROWS_PER_EXPERT = [8, 32, 128, 512, 2048]
@@ -56,12 +62,10 @@ def ceilings(repeats: int, flush: torch.Tensor) -> dict:
     return {"matmul_tflops": 2 * n**3 / t_mm / 1e12, "copy_gbps": 2 * src.numel() / t_copy / 1e9}
 
 
-def bench_case(name, hidden, inter, rows_per_expert, repeats, flush, ceil) -> list[dict]:
-    import epmoe  # noqa: F401  (registers torch.ops.epmoe)
-
+def bench_case(name, hidden, inter, rows_per_expert, repeats, flush, ceil, max_experts=256) -> list[dict]:
     ops = torch.ops.epmoe
     weight_bytes = 3 * hidden * inter * 2
-    num_experts = max(1, min(256, WEIGHT_BUDGET_BYTES // weight_bytes))
+    num_experts = max(1, min(max_experts, WEIGHT_BUDGET_BYTES // weight_bytes))
     num_experts = min(num_experts, max(1, (64 << 20) // max(1, rows_per_expert * hidden)))
     num_rows = rows_per_expert * num_experts
     dev, dt = "cuda", torch.bfloat16
@@ -134,21 +138,25 @@ def bench_case(name, hidden, inter, rows_per_expert, repeats, flush, ceil) -> li
 def main() -> int:
     parser = argparse.ArgumentParser(description=__doc__.splitlines()[0])
     parser.add_argument("--out", default="bench_experts_gpu.json")
-    parser.add_argument("--repeats", type=int, default=20)
+    parser.add_argument("--repeats", type=int, default=None, help="timed replays per op (default 20, quick 5)")
+    parser.add_argument("--quick", action="store_true", help="fewer cases and repeats (the GPU check)")
     args = parser.parse_args()
+    repeats = args.repeats or (5 if args.quick else 20)
+    rows_per_expert = [32, 512] if args.quick else ROWS_PER_EXPERT
+    max_experts = 64 if args.quick else 256
     if not torch.cuda.is_available():
         print("bench_experts_gpu: no CUDA device, nothing to measure")
         return 0
     flush = torch.empty(256 << 20, device="cuda", dtype=torch.uint8)  # > L2
-    ceil = ceilings(args.repeats, flush)
+    ceil = ceilings(repeats, flush)
     print(
         f"device {torch.cuda.get_device_name()}: bf16 matmul {ceil['matmul_tflops']:.0f} TFLOP/s, "
         f"copy {ceil['copy_gbps']:.0f} GB/s"
     )
     results = []
     for name, (hidden, inter) in SHAPES.items():
-        for rpe in ROWS_PER_EXPERT:
-            results.extend(bench_case(name, hidden, inter, rpe, args.repeats, flush, ceil))
+        for rpe in rows_per_expert:
+            results.extend(bench_case(name, hidden, inter, rpe, repeats, flush, ceil, max_experts))
     header = f"{'shape':<12}{'rows/e':>7}{'E':>5} {'op':<18}{'us':>9}{'TFLOP/s':>9}{'GB/s':>8}{'%mm':>6}{'%copy':>7}"
     print(header + "  vs grouped_mm / cublas loop")
     for r in results:

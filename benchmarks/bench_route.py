@@ -11,11 +11,16 @@ import argparse
 import functools
 import json
 import statistics
+import sys
 import time
+from pathlib import Path
 
-import epmoe
 import torch
-from epmoe import eplb
+
+sys.path.insert(0, str(Path(__file__).resolve().parents[1] / "python"))  # this checkout's epmoe, no install needed
+
+import epmoe  # noqa: E402
+from epmoe import eplb  # noqa: E402
 
 SHAPES = {
     # name: (num_experts, top_k, scoring, num_groups, topk_groups, use_bias, scaling_factor)

@@ -38,19 +38,41 @@ struct TileInfo {
     int64_t m0, n0;              // first output row (forward: absolute row) and column of the tile
 };
 
-// Single block: tile_offsets[e] = sum over e' < e of ceil(rows(e') / bm), tile_offsets[num_experts] = total.
+struct MaxOp {
+    __device__ __forceinline__ int64_t operator()(int64_t a, int64_t b) const { return a > b ? a : b; }
+};
+
+// Single block. NOTES: expert_offsets come from the caller and are never trusted: clamped[e] = min(num_rows,
+// max(0, expert_offsets[0..e])) is non-decreasing and inside [0, num_rows], so no tile can read or write outside
+// the row buffers whatever the offsets (valid offsets are unchanged). Then tile_offsets[e] = sum over e' < e of
+// ceil(rows(e') / bm) from the clamped offsets, tile_offsets[num_experts] = total.
 __global__ void __launch_bounds__(kScheduleThreads) tile_schedule_kernel(const int64_t* expert_offsets,
-                                                                         int num_experts, int bm,
-                                                                         int32_t* tile_offsets) {
+                                                                         int num_experts, int64_t num_rows, int bm,
+                                                                         int64_t* clamped, int32_t* tile_offsets) {
+    using MaxScan = cub::BlockScan<int64_t, kScheduleThreads>;
     using Scan = cub::BlockScan<int32_t, kScheduleThreads>;
-    __shared__ typename Scan::TempStorage temp;
+    __shared__ union {
+        typename MaxScan::TempStorage max;
+        typename Scan::TempStorage sum;
+    } temp;
+    int64_t running = 0;  // max of the offsets before this round, at least 0
+    for (int base = 0; base <= num_experts; base += kScheduleThreads) {
+        const int e = base + threadIdx.x;
+        int64_t v = e <= num_experts ? expert_offsets[e] : 0;
+        int64_t round_max = 0;
+        MaxScan(temp.max).InclusiveScan(v, v, MaxOp(), round_max);
+        v = v > running ? v : running;
+        if (e <= num_experts) clamped[e] = v < num_rows ? v : num_rows;
+        running = round_max > running ? round_max : running;
+        __syncthreads();
+    }
     int32_t carry = 0;
     for (int base = 0; base < num_experts; base += kScheduleThreads) {
         const int e = base + threadIdx.x;
         int32_t v = 0;
-        if (e < num_experts) v = static_cast<int32_t>((expert_offsets[e + 1] - expert_offsets[e] + bm - 1) / bm);
+        if (e < num_experts) v = static_cast<int32_t>((clamped[e + 1] - clamped[e] + bm - 1) / bm);
         int32_t total = 0;
-        Scan(temp).ExclusiveSum(v, v, total);
+        Scan(temp.sum).ExclusiveSum(v, v, total);
         if (e < num_experts) tile_offsets[e] = carry + v;
         carry += total;
         __syncthreads();
@@ -92,21 +114,31 @@ __device__ __forceinline__ TileInfo resolve_tile(const GemmArgs& p, int64_t t, b
     const int64_t nt = local / m_tiles_e;
     ti.row_begin = __ldg(p.expert_offsets + ti.e);
     ti.row_end = __ldg(p.expert_offsets + ti.e + 1);
+    if (wgrad) {
+        // NOTES: wgrad reads the caller's offsets directly: clamp them into [0, num_rows] with end >= begin, so
+        // bad offsets never read outside the rows (each expert has its own output, so overlaps cannot race).
+        ti.row_begin = ti.row_begin < 0 ? 0 : (ti.row_begin > p.num_rows ? p.num_rows : ti.row_begin);
+        ti.row_end = ti.row_end < ti.row_begin ? ti.row_begin : (ti.row_end > p.num_rows ? p.num_rows : ti.row_end);
+    }
     ti.m0 = (wgrad ? 0 : ti.row_begin) + mt * kBM;
     ti.n0 = nt * kBNOut;
     return ti;
 }
 
-// Rows [expert_offsets[E], num_rows) of the [num_rows, n] output are padding: zero them, 16 bytes a store.
+// Rows owned by no expert are zero: [expert_offsets[E], num_rows) (padding) and, for bad offsets only,
+// [0, expert_offsets[0]); forward only, on the clamped offsets. 16 bytes a store.
 template <typename T>
 __device__ __forceinline__ void zero_padding_rows(const GemmArgs& p, T* c, int threads) {
+    const int64_t lead = __ldg(p.expert_offsets);
     const int64_t pad_begin = __ldg(p.expert_offsets + p.num_experts);
     const int64_t row_chunks = p.n * static_cast<int64_t>(sizeof(T)) / 16;
-    const int64_t total = (p.num_rows - pad_begin) * row_chunks;
-    uint4* dst = reinterpret_cast<uint4*>(c + pad_begin * p.n);
+    const int64_t lead_chunks = lead * row_chunks;
+    const int64_t total = lead_chunks + (p.num_rows - pad_begin) * row_chunks;
+    uint4* lead_dst = reinterpret_cast<uint4*>(c);
+    uint4* pad_dst = reinterpret_cast<uint4*>(c + pad_begin * p.n) - lead_chunks;
     for (int64_t i = static_cast<int64_t>(blockIdx.x) * threads + threadIdx.x; i < total;
          i += static_cast<int64_t>(gridDim.x) * threads)
-        dst[i] = make_uint4(0, 0, 0, 0);
+        (i < lead_chunks ? lead_dst : pad_dst)[i] = make_uint4(0, 0, 0, 0);
 }
 
 __device__ __forceinline__ float silu(float g) { return g / (1.0f + expf(-g)); }
@@ -510,6 +542,12 @@ __global__ void __launch_bounds__(256) swiglu_backward_kernel(const Pack<T, kN>*
 // ---------------------------------------------------------------------------------------------------------------
 // Host side
 
+// Workspace of the forward launchers: tile_offsets int32 [E + 1] (16-byte padded), then the clamped offsets
+// int64 [E + 1].
+size_t tile_offsets_bytes(int num_experts) {
+    return (static_cast<size_t>(num_experts + 1) * sizeof(int32_t) + 15) / 16 * 16;
+}
+
 // Persistent grid: as many CTAs as fit on the device at once, never more than `max_tiles`.
 template <typename Kernel>
 unsigned persistent_grid(Kernel kernel, int threads, size_t smem, int64_t max_tiles) {
@@ -546,13 +584,16 @@ constexpr int64_t kDecodeRowsPerExpert = 48;
 template <bool kBTrans, bool kSwiGLU>
 void launch_forward(GemmArgs p, DType dtype, void* workspace, cudaStream_t stream) {
     auto* tile_offsets = static_cast<int32_t*>(workspace);
+    auto* clamped = reinterpret_cast<int64_t*>(static_cast<uint8_t*>(workspace) + tile_offsets_bytes(p.num_experts));
     p.tile_offsets = tile_offsets;
     const bool decode = p.num_rows <= kDecodeRowsPerExpert * p.num_experts;
     const int bm = dtype == DType::kFloat32 ? kSimtBM : (decode ? 32 : 128);
     const int bn_out = dtype == DType::kFloat32 ? kSimtBN : (kSwiGLU ? 64 : 128);
     p.n_tiles = static_cast<int>((p.n + bn_out - 1) / bn_out);
-    tile_schedule_kernel<<<1, kScheduleThreads, 0, stream>>>(p.expert_offsets, p.num_experts, bm, tile_offsets);
+    tile_schedule_kernel<<<1, kScheduleThreads, 0, stream>>>(p.expert_offsets, p.num_experts, p.num_rows, bm, clamped,
+                                                             tile_offsets);
     EPMOE_LAUNCH_CHECK();
+    p.expert_offsets = clamped;  // the GEMM itself only sees the clamped offsets
     // Upper bound of the device-side tile count: every expert may add one partial m-tile.
     const int64_t max_tiles = (p.num_rows / bm + p.num_experts) * p.n_tiles;
     switch (dtype) {
@@ -580,7 +621,7 @@ void check_sizes(std::initializer_list<int64_t> sizes, std::initializer_list<con
 }  // namespace
 
 size_t grouped_gemm_workspace_bytes(int num_experts) {
-    return (static_cast<size_t>(num_experts + 1) * sizeof(int32_t) + 15) / 16 * 16;
+    return tile_offsets_bytes(num_experts) + static_cast<size_t>(num_experts + 1) * sizeof(int64_t);
 }
 
 void launch_grouped_swiglu(const void* x, DType dtype, const int64_t* expert_offsets, int num_experts,

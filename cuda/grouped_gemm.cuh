@@ -1,7 +1,9 @@
 // Launchers of the grouped expert GEMMs (forward with fused SwiGLU, plain grouped GEMM, weight gradient) and
 // the SwiGLU backward. Torch-free: raw pointers, sizes, a stream. Rows are expert-major: expert e owns rows
 // [expert_offsets[e], expert_offsets[e + 1]) (int64, on the device); rows >= expert_offsets[num_experts] are
-// padding and come out zero. No host sync: the tile schedule is computed on the device, so every launcher is
+// padding and come out zero. The offsets are not trusted (the device cannot raise without a host sync): they are
+// clamped on the device to a non-decreasing sequence inside [0, num_rows], so bad offsets give wrong rows but never
+// an access outside the buffers; rows no expert owns come out zero. No host sync: the tile schedule is computed on the device, so every launcher is
 // CUDA-graph capturable. bf16/fp16 run on tensor cores (mma.sync m16n8k16, cp.async pipeline, fp32
 // accumulation); fp32 takes a SIMT path. Every row length (hidden, inter, n, k) must be a multiple of 8 and
 // every pointer 16-byte aligned.

@@ -45,16 +45,22 @@ std::string make_expert_placement(const int32_t* expert_to_rank, int num_experts
     return "";
 }
 
+int64_t find_bad_expert_id(const int32_t* topk_idx, int64_t num_tokens, int num_topk, int num_experts) {
+    for (int64_t i = 0; i < num_tokens * num_topk; ++i) {
+        if (topk_idx[i] < -1 || topk_idx[i] >= num_experts) return i;
+    }
+    return -1;
+}
+
 std::string plan_dispatch(const int32_t* topk_idx, int64_t num_tokens, int num_topk, const ExpertPlacement& placement,
                           int64_t capacity, SendPlan* out) {
     const int num_ranks = placement.num_ranks;
     const int num_experts = placement.num_experts;
     if (num_topk < 1) return message("topk_idx must have at least one column, got ", num_topk);
-    for (int64_t i = 0; i < num_tokens * num_topk; ++i) {
-        if (topk_idx[i] < -1 || topk_idx[i] >= num_experts) {
-            return message("topk_idx values must be in [-1, ", num_experts, ") (num_experts), got ", topk_idx[i],
-                           " at token ", i / num_topk, " slot ", i % num_topk);
-        }
+    const int64_t bad = find_bad_expert_id(topk_idx, num_tokens, num_topk, num_experts);
+    if (bad >= 0) {
+        return message("topk_idx values must be in [-1, ", num_experts, ") (num_experts), got ", topk_idx[bad],
+                       " at token ", bad / num_topk, " slot ", bad % num_topk);
     }
     out->num_topk = num_topk;
     out->num_send_per_rank.assign(num_ranks, 0);
@@ -146,20 +152,120 @@ std::string expand_received(const int32_t* recv_slot_expert, int64_t num_recv, i
     return "";
 }
 
+DispatchHeader make_header(int64_t num_experts, int64_t hidden, int dtype, int64_t num_topk, bool capacity_mode,
+                           int64_t capacity, uint64_t placement_fingerprint, int64_t sequence, int64_t tag) {
+    DispatchHeader h{};
+    h[kMagic] = kHeaderMagic;
+    h[kSequence] = sequence;
+    h[kTag] = tag;
+    h[kNumExperts] = num_experts;
+    h[kHidden] = hidden;
+    h[kDType] = dtype;
+    h[kNumTopk] = num_topk;
+    h[kMode] = capacity_mode ? 1 : 0;
+    h[kCapacity] = capacity_mode ? capacity : -1;
+    h[kPlacement] = static_cast<int64_t>(placement_fingerprint >> 2);
+    return h;
+}
+
+namespace {
+
+const char* dtype_name(int64_t code) {
+    switch (code) {
+        case 0: return "float32";
+        case 1: return "bfloat16";
+        case 2: return "float16";
+        default: return "an unknown dtype";
+    }
+}
+
+// A field's value as the message prints it.
+std::string field_value(int field, int64_t v) {
+    switch (field) {
+        case kDType: return dtype_name(v);
+        case kMode: return v == 1 ? "capacity" : "exact";
+        case kCapacity: return v < 0 ? "none (exact mode)" : std::to_string(v);
+        case kTag: return v == kNoTag ? "none" : std::to_string(v);
+        default: return std::to_string(v);
+    }
+}
+
+}  // namespace
+
+std::string describe_error(const DispatchHeader& theirs, int peer_rank) {
+    const char* tail = "; the dispatch was abandoned on every rank of the EP group";
+    switch (theirs[kError]) {
+        case kBadExpertId: {
+            const int64_t k = theirs[kNumTopk] > 0 ? theirs[kNumTopk] : 1;
+            return message("topk_idx values must be in [-1, ", theirs[kNumExperts], ") (num_experts): rank ",
+                           peer_rank, " has ", theirs[kErrorValue], " at token ", theirs[kErrorIndex] / k, " slot ",
+                           theirs[kErrorIndex] % k, tail);
+        }
+        case kBadExpertMap:
+            return message("expert_to_rank values must be rank ids in [0, num_ranks): rank ", peer_rank, " has ",
+                           theirs[kErrorValue], " at expert_to_rank[", theirs[kErrorIndex], "]", tail);
+        default:
+            return message("rank ", peer_rank, " reported dispatch error code ", theirs[kError], tail);
+    }
+}
+
 std::string check_peer_header(const DispatchHeader& mine, const DispatchHeader& theirs, int my_rank, int peer_rank) {
     if (theirs[kMagic] != kHeaderMagic) {
         return message("rank ", my_rank, " received a malformed dispatch header from rank ", peer_rank,
                        ": the ranks are not running the same collective sequence");
     }
-    static const char* kNames[kHeaderLen] = {"magic",  "num_rows",  "num_overflow", "num_experts", "hidden size",
-                                             "dtype",  "top-k",     "mode",         "capacity",    "expert_to_rank"};
+    if (mine[kSequence] != theirs[kSequence]) {
+        return message("EP ranks are out of step: rank ", my_rank, " is at dispatch ", mine[kSequence],
+                       " of this EP group, rank ", peer_rank, " at dispatch ", theirs[kSequence],
+                       "; every rank must run the same EP collectives in the same order (a forward, rebalance or "
+                       "sync_grads that ran on some ranks only?)");
+    }
+    if (mine[kTag] != theirs[kTag]) {
+        return message("EP ranks disagree on the dispatch tag: rank ", my_rank, " has ", field_value(kTag, mine[kTag]),
+                       ", rank ", peer_rank, " has ", field_value(kTag, theirs[kTag]),
+                       " (the ranks are not running the same step of the same layer)");
+    }
+    static const char* kNames[kHeaderLen - kNumExperts] = {"num_experts", "hidden size", "dtype",         "top-k",
+                                                           "mode",        "capacity",    "expert_to_rank"};
     for (int f = kNumExperts; f < kHeaderLen; ++f) {
-        if (mine[f] != theirs[f]) {
-            return message("EP ranks disagree on ", kNames[f], ": rank ", my_rank, " has ", mine[f], ", rank ",
-                           peer_rank, " has ", theirs[f]);
+        if (mine[f] == theirs[f]) continue;
+        if (f == kPlacement) {
+            return message("EP ranks disagree on expert_to_rank: rank ", my_rank, " and rank ", peer_rank,
+                           " map experts to ranks differently (placement fingerprints ", mine[f], " and ", theirs[f],
+                           ")");
         }
+        return message("EP ranks disagree on ", kNames[f - kNumExperts], ": rank ", my_rank, " has ", field_value(f, mine[f]),
+                       ", rank ", peer_rank, " has ", field_value(f, theirs[f]));
     }
     return "";
+}
+
+std::string check_headers(const DispatchHeader& mine, const DispatchHeader* recv, int num_ranks, int my_rank,
+                          int* field) {
+    int failed = kMagic;
+    std::string msg;
+    for (int r = 0; r < num_ranks && msg.empty(); ++r) {
+        if (recv[r][kMagic] != kHeaderMagic) msg = check_peer_header(mine, recv[r], my_rank, r);
+    }
+    for (int r = 0; r < num_ranks && msg.empty(); ++r) {
+        if (recv[r][kError] != kNoError) msg = describe_error(recv[r], r), failed = kError;
+    }
+    for (int r = 0; r < num_ranks && msg.empty(); ++r) {
+        msg = check_peer_header(mine, recv[r], my_rank, r);
+        for (failed = kSequence; !msg.empty() && failed < kHeaderLen && mine[failed] == recv[r][failed];) ++failed;
+    }
+    if (field != nullptr) *field = failed;
+    return msg;
+}
+
+bool headers_agree(const DispatchHeader& mine, const DispatchHeader* recv, int num_ranks) {
+    for (int r = 0; r < num_ranks; ++r) {
+        if (recv[r][kMagic] != kHeaderMagic || recv[r][kError] != kNoError) return false;
+        for (int f = kSequence; f < kHeaderLen; ++f) {
+            if (recv[r][f] != mine[f]) return false;
+        }
+    }
+    return true;
 }
 
 }  // namespace epmoe::core

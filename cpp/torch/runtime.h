@@ -14,12 +14,15 @@
 namespace epmoe {
 
 // A transfer in flight. wait() blocks until it is done (gloo; NCCL: the host polls for completion, then orders the
-// caller's CUDA stream after it) and raises on transport errors (a dead peer, a timeout). The buffers stay alive
-// until the work is destroyed.
+// caller's CUDA stream after it) and raises on transport errors (a dead peer, a timeout). wait_stream() only orders
+// the caller's CUDA stream after the transfer, without blocking the host, so it can be captured in a CUDA graph;
+// transport errors then surface at the next host wait on the communicator (host transports: the same as wait()).
+// The buffers stay alive until the work is destroyed; destroying a work that was never waited for does not block.
 class CommWork {
   public:
     virtual ~CommWork() = default;
     virtual void wait() = 0;
+    virtual void wait_stream() { wait(); }
 };
 
 // All-to-all over dim 0 of contiguous tensors: input rows [sum(input_splits), ...] go to ranks 0..R-1 in order;
@@ -32,6 +35,9 @@ class Communicator {
     virtual std::unique_ptr<CommWork> all_to_all(const at::Tensor& output, const at::Tensor& input,
                                                  const std::vector<int64_t>& output_splits,
                                                  const std::vector<int64_t>& input_splits) = 0;
+    // A work that completes once every transfer issued so far has: its wait() is the host wait (with the
+    // communicator's timeout) for transfers that were only stream-ordered.
+    virtual std::unique_ptr<CommWork> fence() = 0;
     // Releases transport resources; later calls fail. Explicit (not in the destructor), as DeepEP does.
     virtual void destroy() = 0;
 };

@@ -1,4 +1,5 @@
-"""The `epmoe` command: `epmoe demo` (the main job), `epmoe bench` (benchmarks), `epmoe plan` (EPLB planner).
+"""The `epmoe` command: `epmoe demo` (the main job), `epmoe bench` (benchmarks), `epmoe plan` (EPLB planner),
+`epmoe simulate` (EPLB at any EP size, replayed from a load trace).
 
 Error handling lives here, for every subcommand: a usage mistake (argparse, `UsageError`, or a ValueError /
 TypeError / OSError raised by the library on the user's input) prints one line `epmoe <cmd>: error: ...` on
@@ -84,8 +85,9 @@ def _commands() -> list:
     """The modules that define a subcommand (each has add_parser(subparsers) setting `func`)."""
     from epmoe import bench, demo
     from epmoe.eplb import cli as plan_cli
+    from epmoe.eplb import simulator as simulate_cli
 
-    return [demo, bench, plan_cli]
+    return [demo, bench, plan_cli, simulate_cli]
 
 
 def build_parser() -> argparse.ArgumentParser:

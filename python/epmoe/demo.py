@@ -1,7 +1,8 @@
 """`epmoe demo`: the main job. Spawns local ranks (gloo on CPU, NCCL over the visible GPUs, or the ranks of a
 torchrun launch), builds a scaled-down MoE layer with a skewed router, runs it expert-parallel, checks it against a
-single-process reference, records expert load, rebalances with EPLB (redundant experts), runs again, and reports
-tokens/s, all-to-all bytes, per-rank load before/after and the error vs the reference (table, JSON, PNG)."""
+single-process reference, records expert load, rebalances with EPLB (redundant experts), runs again with the "hash"
+and the "balanced" replica policy, and reports tokens/s, all-to-all bytes, per-rank load before/after and the error
+vs the reference (table, JSON, PNG)."""
 
 from __future__ import annotations
 
@@ -138,7 +139,7 @@ def _run(rank, num_ranks, args, device, MoE, MoEConfig, eplb) -> dict:
     moe.eval()
     x = x.to(device)
     reference = _reference_forward(cfg, x.cpu(), gate_weight, bias, w13, w2, shared)
-    progress = Progress(2 * args.steps + 3, "epmoe demo", enabled=rank == 0 and not getattr(args, "quiet", False))
+    progress = Progress(3 * args.steps + 3, "epmoe demo", enabled=rank == 0 and not getattr(args, "quiet", False))
 
     def run_phase(label: str) -> dict:
         moe.recorder.reset()
@@ -176,9 +177,13 @@ def _run(rank, num_ranks, args, device, MoE, MoEConfig, eplb) -> dict:
     stats = moe.rebalance()
     progress.step("EPLB rebalance")
     after = run_phase("after EPLB")
+    # The same placement with the per-batch less-loaded copy ("balanced": counts exchanged over the EP group).
+    moe.config.replica_policy = "balanced"
+    after_balanced = run_phase("after EPLB, balanced")
+    moe.config.replica_policy = cfg.replica_policy
     progress.step("report")
     tolerance = TOLERANCE[cfg.dtype]
-    max_err = max(before["max_abs_err"], after["max_abs_err"])
+    max_err = max(before["max_abs_err"], after["max_abs_err"], after_balanced["max_abs_err"])
     report = {
         "preset": args.preset,
         "ranks": num_ranks,
@@ -190,6 +195,8 @@ def _run(rank, num_ranks, args, device, MoE, MoEConfig, eplb) -> dict:
         "top_k": cfg.top_k,
         "before": before,
         "after": after,
+        "after_balanced": after_balanced,
+        "replica_policy": cfg.replica_policy,
         "rebalance": stats,
         "max_abs_err": max_err,
         "tolerance": tolerance,
@@ -204,21 +211,22 @@ def _run(rank, num_ranks, args, device, MoE, MoEConfig, eplb) -> dict:
 def _write_report(report: dict, out_dir: Path) -> None:
     out_dir.mkdir(parents=True, exist_ok=True)
     (out_dir / "report.json").write_text(json.dumps(report, indent=2))
-    b, a = report["before"], report["after"]
+    phases = (report["before"], report["after"], report["after_balanced"])
     rows = [
-        ("tokens/s", f"{b['tokens_per_s']:.0f}", f"{a['tokens_per_s']:.0f}"),
-        ("step time (ms)", f"{b['step_ms']:.1f}", f"{a['step_ms']:.1f}"),
-        ("bytes sent per rank (mean)", f"{statistics.mean(b['bytes_sent_per_rank']):.0f}",
-         f"{statistics.mean(a['bytes_sent_per_rank']):.0f}"),
-        ("per-rank load max/mean", f"{b['max_over_mean_load']:.3f}", f"{a['max_over_mean_load']:.3f}"),
-        ("max abs err vs reference", f"{b['max_abs_err']:.2e}", f"{a['max_abs_err']:.2e}"),
+        ("tokens/s", *(f"{p['tokens_per_s']:.0f}" for p in phases)),
+        ("step time (ms)", *(f"{p['step_ms']:.1f}" for p in phases)),
+        ("bytes sent per rank (mean)", *(f"{statistics.mean(p['bytes_sent_per_rank']):.0f}" for p in phases)),
+        ("per-rank load max/mean", *(f"{p['max_over_mean_load']:.3f}" for p in phases)),
+        ("max abs err vs reference", *(f"{p['max_abs_err']:.2e}" for p in phases)),
     ]
     print(f"\nepmoe demo: preset {report['preset']}, {report['ranks']} ranks ({report['backend']}), "
           f"{report['tokens_per_rank']} tokens/rank, {report['num_experts']} experts in {report['num_slots']} slots, "
           f"top-{report['top_k']}")
-    print(f"{'':28} {'before EPLB':>14} {'after EPLB':>14}")
-    for name, x, y in rows:
-        print(f"{name:28} {x:>14} {y:>14}")
+    policy = report["replica_policy"]
+    print(f"{'':28} {'before EPLB':>14} {'after EPLB':>14} {'after EPLB':>14}")
+    print(f"{'replica policy':28} {policy:>14} {policy:>14} {'balanced':>14}")
+    for name, *cells in rows:
+        print(f"{name:28}" + "".join(f" {c:>14}" for c in cells))
     verdict = "MATCH" if report["match"] else "MISMATCH"
     print(f"EP output vs single-process reference: {verdict} (max abs err {report['max_abs_err']:.2e}, "
           f"tolerance {report['tolerance']:.0e})")
@@ -234,19 +242,21 @@ def _plot(report: dict, path: Path) -> Path | None:
         import matplotlib.pyplot as plt
     except ImportError:
         return None
-    before, after = report["before"]["rank_load"], report["after"]["rank_load"]
+    before = report["before"]["rank_load"]
     ranks = list(range(len(before)))
     fig, ax = plt.subplots(figsize=(6, 3.5))
-    ax.bar([r - 0.2 for r in ranks], before, width=0.4, label=f"before EPLB (max/mean "
-           f"{report['before']['max_over_mean_load']:.2f})")
-    ax.bar([r + 0.2 for r in ranks], after, width=0.4, label=f"after EPLB (max/mean "
-           f"{report['after']['max_over_mean_load']:.2f})")
+    series = (("before", "before EPLB"), ("after", f"after EPLB, {report['replica_policy']}"),
+              ("after_balanced", "after EPLB, balanced"))
+    for i, (key, label) in enumerate(series):
+        ax.bar([r + (i - 1) * 0.27 for r in ranks], report[key]["rank_load"], width=0.27,
+               label=f"{label} (max/mean {report[key]['max_over_mean_load']:.2f})")
     ax.axhline(sum(before) / len(before), color="gray", linestyle="--", linewidth=1, label="mean")
     ax.set_xlabel("EP rank")
     ax.set_ylabel("routed token-slots per window")
     ax.set_xticks(ranks)
+    ax.set_ylim(top=1.45 * max(max(report[key]["rank_load"]) for key, _ in series) + 1e-9)  # room for the legend
     ax.set_title(f"epmoe demo: {report['preset']}, {report['ranks']} ranks")
-    ax.legend(fontsize=8)
+    ax.legend(fontsize=8, loc="upper center")
     fig.tight_layout()
     fig.savefig(path, dpi=120)
     plt.close(fig)

@@ -8,9 +8,17 @@ experts `[r*E/R, (r+1)*E/R)` unless an `expert_to_rank` map is given. Semantics 
 - combine reduces a token's slots on the expert rank in fp32 (ascending slot), sends one partial row per
   (token, rank) back in x's dtype, and sums the partials in fp32 in ascending rank order: bitwise deterministic.
   For float32 x this is fp32 throughout; for bf16/fp16 the partial of each rank is rounded once to x's dtype.
-- Host syncs: `exact` mode reads the exchanged counts on the host once per dispatch. `capacity` mode moves fixed
-  `capacity` rows per rank pair; rows beyond it are counted in `handle.overflow` and raise at the next host sync
-  (combine, `handle.check()`) unless `drop_overflow=True`.
+- Host syncs: `exact` mode reads the exchanged counts on the host once per dispatch (on CUDA the send plan is
+  computed on the device, so that read is the only one). `capacity` mode moves fixed `capacity` rows per rank pair;
+  rows beyond it are counted in `handle.overflow`. On CPU they raise at combine and `handle.check()` unless
+  `drop_overflow=True`. On CUDA, capacity mode never reads the device on the host and is CUDA-graph capturable
+  (after one call with the same shapes outside the capture, which checks agreement across ranks on the host):
+  `recv_x` has a fixed `R * capacity * k` rows (rows at and past `expert_offsets[-1]` are zero padding with weight 0),
+  tokens that lost rows come back from combine as NaN unless `drop_overflow=True`, and `handle.check()` raises with
+  the counts (it reads the device). `EPGroup.synchronize()` is the host wait, with the timeout, for such transfers.
+- Agreement: every dispatch exchanges a small header first; a disagreement (dtype, mode, sizes, placement), an
+  out-of-range expert id or an invalid `expert_to_rank` on any rank, and ranks out of step (each header carries the
+  group's dispatch count and the optional `tag`) raise on every rank with the rank and the values named.
 - Autograd: dispatch backward is an unweighted combine of the row gradients (plus the routing-weight gradients sent
   back per slot); combine backward is a dispatch of the output gradient with the cached handle.
 """
@@ -53,7 +61,9 @@ class DispatchHandle:
         return getattr(self.__dict__["_native"], name)
 
     def check(self) -> None:
-        """Raise RuntimeError if rows overflowed the capacity and the caller did not pass drop_overflow=True."""
+        """Raise RuntimeError if rows overflowed the capacity and the caller did not pass drop_overflow=True, and
+        (CUDA capacity mode, where the ranks' headers are compared on the device) ValueError/RuntimeError if the
+        ranks disagreed or one of them had bad input. In CUDA capacity mode this reads the device (a host sync)."""
         self._native.check()
 
 
@@ -150,6 +160,8 @@ def _collective(op: str, fn, *args):
 
 
 def _log_overflow(native) -> None:
+    if not native.counts_on_host:
+        return  # CUDA capacity mode: the counts stay on the device (no host sync); handle.check() reports them
     if native.num_send_overflow == 0 and native.num_recv_overflow == 0:
         return
     what = "dropped (drop_overflow=True)" if native.drop_overflow else "combine will raise (drop_overflow=False)"
@@ -208,6 +220,7 @@ class EPGroup:
         drop_overflow: bool = False,
         expert_to_rank: torch.Tensor | None = None,
         async_op: bool = False,
+        tag: int | None = None,
     ) -> DispatchResult | _PendingDispatch:
         """Send each token to the ranks that own its experts.
 
@@ -222,8 +235,11 @@ class EPGroup:
             drop_overflow: in capacity mode, allow dropping rows beyond the capacity instead of raising at the
                 next host sync.
             expert_to_rank: optional int [num_experts] rank of each (physical) expert; a rank's local experts are
-                the ids mapped to it in ascending order. Default: the even split (E % R == 0 required).
+                the ids mapped to it in ascending order. Default: the even split (E % R == 0 required). With CUDA
+                tensors pass it on the CPU: a CUDA map is copied to the host (a sync).
             async_op: return before the payload transfer completes; call .wait() for the DispatchResult.
+            tag: optional int compared across ranks (e.g. a step or layer counter): ranks that pass different tags
+                raise on every rank, naming both values.
 
         Returns:
             DispatchResult (recv_x [M, H], recv_topk_weights float32 [M], tokens_per_expert int64 [L],
@@ -249,6 +265,8 @@ class EPGroup:
                              "mode='capacity'")
         drop_overflow = v.check_bool("drop_overflow", drop_overflow)
         async_op = v.check_bool("async_op", async_op)
+        if tag is not None:
+            tag = v.check_int("tag", tag)
         if expert_to_rank is not None:
             v.check_tensor("expert_to_rank", expert_to_rank, dtypes=v.INDEX_DTYPES, shape=(num_experts,),
                            layout="(num_experts)")
@@ -262,8 +280,9 @@ class EPGroup:
             num_experts,
             expert_to_rank,
             mode,
-            -1 if capacity is None else capacity,
+            capacity,
             drop_overflow,
+            tag,
         )
 
         def finish() -> DispatchResult:
@@ -294,7 +313,8 @@ class EPGroup:
 
         Returns:
             [T, H] in x's dtype on the source rank: sum_j w[t, j] * expert_out[row(t, j)] (fp32 accumulation,
-            fixed order). Raises RuntimeError if the dispatch overflowed its capacity without drop_overflow.
+            fixed order). If the dispatch overflowed its capacity without drop_overflow: raises RuntimeError on CPU;
+            on CUDA (no host sync) the tokens that lost rows are NaN and `handle.check()` raises.
         """
         if not isinstance(handle, DispatchHandle):
             raise TypeError(f"handle must be a DispatchHandle from EPGroup.dispatch, got {type(handle).__name__}")
@@ -315,6 +335,16 @@ class EPGroup:
             return _collective("combine", _Combine.apply, expert_out, weights, self._runtime, pending, native)
 
         return _PendingCombine(finish) if async_op else finish()
+
+    @property
+    def num_dispatches(self) -> int:
+        """Dispatches this rank ran on the group: the sequence number compared across ranks in every dispatch."""
+        return self._runtime.num_dispatches
+
+    def synchronize(self) -> None:
+        """Host wait, with the group's timeout, for every transfer issued so far: where a dead peer of
+        capacity-mode CUDA transfers (which only order streams) becomes a RuntimeError. No-op for gloo."""
+        self._runtime.synchronize()
 
     def destroy(self) -> None:
         """Release the NCCL communicator (if any) and detach from the process group. Call it explicitly."""

@@ -32,7 +32,10 @@ class MoEConfig:
     `num_redundant_experts` extra physical slots hold EPLB replicas of hot experts; `(num_experts +
     num_redundant_experts)` must be divisible by the EP size. Load is recorded over the last `eplb_window` forward
     calls; `eplb_interval > 0` rebalances automatically in every `eplb_interval`-th `sync_grads()` call (after the
-    backward, never inside forward).
+    backward, never inside forward). `replica_policy` picks the copy of a replicated expert each (token, slot) goes
+    to (`epmoe.eplb.map_to_physical`): "hash" (even split), "weighted" (the plan's replica shares) or "balanced" (the
+    less-loaded copy for each batch; with EP the counts are exchanged over the layer's group); outputs do not depend
+    on it.
 
     Training (docs/training.md): `dp_group` is an optional outer data-parallel group (the EP group is replicated
     across it); `bias_update_rate > 0` applies DeepSeek-V3's aux-loss-free bias update in `sync_grads()` (needs
@@ -59,6 +62,7 @@ class MoEConfig:
     record_load: bool = True
     eplb_window: int = 16
     eplb_interval: int = 0
+    replica_policy: str = "hash"
     dp_group: dist.ProcessGroup | None = None
     bias_update_rate: float = 0.0
     aux_loss: str | None = None
@@ -76,6 +80,8 @@ class MoEConfig:
                 raise ValueError(f"MoEConfig.{name} must be a positive int, got {value!r}")
         if self.scoring not in _SCORINGS:
             raise ValueError(f"MoEConfig.scoring must be one of {_SCORINGS}, got {self.scoring!r}")
+        if self.replica_policy not in eplb.POLICIES:
+            raise ValueError(f"MoEConfig.replica_policy must be one of {eplb.POLICIES}, got {self.replica_policy!r}")
         if self.exchange_mode not in _MODES:
             raise ValueError(f"MoEConfig.exchange_mode must be one of {_MODES}, got {self.exchange_mode!r}")
         if self.num_experts % self.num_groups != 0:
@@ -391,9 +397,10 @@ class MoE(nn.Module):
         self.aux_loss = balance.after_routing(self, logits, topk_idx, shape[:-1]) if self.training else None
         if self._log2phy.device != x.device:  # the module was moved after the placement was installed
             self._install_placement(self.placement)
-        # Replica choice: a hash of (token, slot, layer); the rank salts the token index so ranks spread differently.
-        slot_idx = eplb.map_to_physical(topk_idx, (self._log2phy, self._logcnt), self.layer_idx,
-                                        token_offset=self.rank << 24)
+        # Replica choice by cfg.replica_policy; for the hashes the rank salts the token index so ranks spread
+        # differently, "balanced" exchanges the counts over the EP group.
+        slot_idx = eplb.map_to_physical(topk_idx, self.placement, self.layer_idx, token_offset=self.rank << 24,
+                                        policy=cfg.replica_policy, group=self.group)
         if cfg.record_load:
             self.recorder.record(0, slot_idx)
             self.recorder.step()

@@ -10,6 +10,8 @@ import torch
 import torch.nn.functional as F
 
 __all__ = [
+    "balance_quotas_reference",
+    "balance_replicas_reference",
     "experts_forward_reference",
     "moe_layout_reference",
     "moe_permute_reference",
@@ -185,3 +187,178 @@ def experts_forward_reference(
         keep = (r >= 0).unsqueeze(-1)
         out = out + torch.where(keep, w[:, j, None] * y[r.clamp(min=0)], torch.zeros_like(out))
     return out.to(x.dtype)
+
+
+# --- EPLB "balanced" replica policy ------------------------------------------------------------------------
+
+
+def balance_quotas_reference(counts: list[int], log2phy: list[list[int]], logcnt: list[int], num_slots: int,
+                             num_ranks: int) -> tuple[list[list[int]], int]:
+    """Per-replica quotas of one layer and the largest rank load: the algorithm of `cpp/core/replica_balance.h`
+    step by step in plain Python, so that its result (one optimum among many) is reproduced exactly.
+
+    Experts whose replicas sit on one rank are fixed (even split over their replicas, the first ones take the
+    remainder). The rest is a max flow source -> expert (c_e) -> holder ranks -> sink (M - base load), with M
+    starting at a lower bound and raised to ceil(cut demand / cut ranks) while the flow falls short (Newton on the
+    cut); it is warm-started by sending each expert's pairs straight to its holders (an even part each, then what
+    fits) and augmented with Dinic (edges tried newest first, paths retreating to the first saturated edge).
+    """
+    per_rank = num_slots // num_ranks
+    rank_of = [p // per_rank for p in range(num_slots)]
+    quota = [[0] * len(row) for row in log2phy]
+    base = [0] * num_ranks
+    flexible = []
+    for e, c in enumerate(counts):
+        n, slots = logcnt[e], log2phy[e]
+        if c > 0 and rank_of[slots[n - 1]] != rank_of[slots[0]]:
+            flexible.append(e)
+            continue
+        for i in range(n):
+            quota[e][i] = c // n + (1 if i < c % n else 0)
+        base[rank_of[slots[0]]] += c
+    if not flexible:
+        return quota, max(base)
+    bound = max(-(-sum(counts) // num_ranks), max(base))
+    for e in flexible:
+        ranks = sorted({rank_of[p] for p in log2phy[e][:logcnt[e]]})
+        bound = max(bound, -(-(counts[e] + sum(base[r] for r in ranks)) // len(ranks)))
+    # Graph: node 0 source, 1 sink, 2 + r ranks, 2 + R + k the k-th flexible expert; edges in (edge, reverse) pairs.
+    head = [-1] * (2 + num_ranks + len(flexible))
+    to, cap, nxt = [], [], []
+
+    def add_edge(u: int, v: int, c: int) -> int:
+        for a, b, cc in ((u, v, c), (v, u, 0)):
+            to.append(b)
+            cap.append(cc)
+            nxt.append(head[a])
+            head[a] = len(to) - 1
+        return len(to) - 2
+
+    unbounded = 1 << 62
+    rank_edge = [add_edge(2 + r, 1, bound - base[r]) for r in range(num_ranks)]
+    replica_edge = {}
+    flow = 0
+    for k, e in enumerate(flexible):
+        n, slots = logcnt[e], log2phy[e]
+        source_edge = add_edge(0, 2 + num_ranks + k, counts[e])
+        for i in range(n):
+            replica_edge[e, i] = add_edge(2 + num_ranks + k, 2 + rank_of[slots[i]], unbounded)
+        left = counts[e]
+        for part in (-(-left // n), None):
+            part = left if part is None else part
+            for i in range(n):
+                if left == 0:
+                    break
+                re = rank_edge[rank_of[slots[i]]]
+                push = min(part, left, cap[re])
+                if push > 0:
+                    cap[replica_edge[e, i]] -= push
+                    cap[replica_edge[e, i] ^ 1] += push
+                    cap[re] -= push
+                    cap[re ^ 1] += push
+                    left -= push
+            if left == 0:
+                break
+        cap[source_edge], cap[source_edge ^ 1] = left, counts[e] - left
+        flow += counts[e] - left
+    need_total = sum(counts[e] for e in flexible)
+    num_nodes = len(head)
+
+    def bfs() -> list[int]:
+        level = [-1] * num_nodes
+        level[0] = 0
+        queue = [0]
+        for v in queue:
+            if level[1] >= 0 and level[v] >= level[1]:
+                break
+            e = head[v]
+            while e >= 0:
+                if cap[e] > 0 and level[to[e]] < 0:
+                    level[to[e]] = level[v] + 1
+                    queue.append(to[e])
+                e = nxt[e]
+        return level
+
+    def blocking_flow(level: list[int]) -> int:
+        arc, path, v, total = list(head), [], 0, 0
+        while True:
+            if v == 1:
+                push = min(cap[e] for e in path)
+                keep = len(path)
+                for i, e in enumerate(path):
+                    cap[e] -= push
+                    cap[e ^ 1] += push
+                    if cap[e] == 0 and keep == len(path):
+                        keep = i
+                total += push
+                del path[keep:]
+                v = to[path[-1]] if path else 0
+                continue
+            e = arc[v]
+            while e >= 0 and not (cap[e] > 0 and level[to[e]] == level[v] + 1):
+                e = nxt[e]
+            arc[v] = e
+            if e >= 0:
+                path.append(e)
+                v = to[e]
+                continue
+            if not path:
+                return total
+            level[v] = -1
+            back = path.pop()
+            v = to[back ^ 1]
+            arc[v] = nxt[arc[v]]
+
+    while True:
+        level = None
+        while flow < need_total:
+            level = bfs()
+            if level[1] < 0:
+                break
+            flow += blocking_flow(level)
+        if flow == need_total:
+            break
+        reached = [r for r in range(num_ranks) if level[2 + r] >= 0]
+        need = sum(base[r] for r in reached) + sum(
+            counts[e] for k, e in enumerate(flexible) if level[2 + num_ranks + k] >= 0)
+        nxt_bound = max(-(-need // len(reached)) if reached else bound + 1, bound + 1)
+        for r in range(num_ranks):
+            cap[rank_edge[r]] += nxt_bound - bound
+        bound = nxt_bound
+    for (e, i), edge in replica_edge.items():
+        quota[e][i] = cap[edge ^ 1]
+    return quota, max(bound - cap[rank_edge[r]] for r in range(num_ranks))
+
+
+def balance_replicas_reference(topk_idx: torch.Tensor, log2phy: torch.Tensor, logcnt: torch.Tensor,
+                               counts: torch.Tensor | None, prefix: torch.Tensor | None, num_slots: int,
+                               num_ranks: int) -> torch.Tensor:
+    """Same output as `torch.ops.epmoe.balance_replicas`: the g-th pair of expert e over the group (g = prefix[e] +
+    its rank among this batch's pairs of e in flat order t * k + j) takes the replica i whose quota range
+    [sum(quota[:i]), sum(quota[:i + 1])) holds g (the last replica when g is beyond counts[e]); -1 stays -1.
+
+    Arguments: topk_idx int32/int64 [T, k]; log2phy int64 [E, M]; logcnt int64 [E]; counts int64 [E] of the group
+    (None: this batch's); prefix int64 [E] of the lower ranks (None: 0).
+    """
+    num_experts = log2phy.shape[0]
+    flat = topk_idx.reshape(-1).tolist()
+    local = [0] * num_experts
+    for e in flat:
+        if e >= 0:
+            local[e] += 1
+    total = local if counts is None else counts.tolist()
+    seen = [0] * num_experts if prefix is None else prefix.tolist()
+    rows, cnt = log2phy.tolist(), logcnt.tolist()
+    quota, _ = balance_quotas_reference(total, rows, cnt, num_slots, num_ranks)
+    out = []
+    for e in flat:
+        if e < 0:
+            out.append(-1)
+            continue
+        g, i, end = seen[e], 0, quota[e][0]
+        seen[e] += 1
+        while i < cnt[e] - 1 and g >= end:
+            i += 1
+            end += quota[e][i]
+        out.append(rows[e][i])
+    return torch.tensor(out, dtype=topk_idx.dtype).reshape(topk_idx.shape)

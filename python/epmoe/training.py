@@ -549,7 +549,7 @@ def _layer_row(placement: eplb.Placement, moe) -> eplb.Placement:
         return placement
     if not 0 <= moe.layer_idx < placement.num_layers:
         raise ValueError(f"placement has {placement.num_layers} layers; MoE layer_idx {moe.layer_idx} is not one")
-    return eplb.Placement(placement.numpy()[0][moe.layer_idx:moe.layer_idx + 1], cfg.num_experts, moe.num_ranks)
+    return _row(placement, moe.layer_idx)
 
 
 def _start_move(layers, kind: str, optimizer, extra_tensors) -> list:
@@ -596,9 +596,16 @@ def _move(layers, new_rows, moving) -> list:
     return sent
 
 
+def _row(placement: eplb.Placement, layer: int) -> eplb.Placement:
+    """Layer `layer` of a placement as a one-layer placement (slots and replica shares)."""
+    return eplb.Placement(placement.numpy()[0][layer:layer + 1], placement.num_experts, placement.num_ranks,
+                          share=placement.share[layer:layer + 1])
+
+
 def _stack(rows) -> eplb.Placement:
     first = rows[0]
-    return eplb.Placement(np.concatenate([r.numpy()[0] for r in rows]), first.num_experts, first.num_ranks)
+    return eplb.Placement(np.concatenate([r.numpy()[0] for r in rows]), first.num_experts, first.num_ranks,
+                          share=torch.cat([r.share for r in rows]))
 
 
 def apply_placement(moe, placement, *, optimizer=None, extra_tensors=None) -> dict:
@@ -632,7 +639,7 @@ def rebalance_layers(layers, *, optimizer=None, max_moves=None, extra_tensors=No
     previous = _stack([moe.placement for moe in layers])
     new = eplb.plan(load, cfg.num_slots, first.num_ranks, previous=previous, max_moves=max_moves)
     before, after = eplb.balancedness(load, previous), eplb.balancedness(load, new)
-    rows = [eplb.Placement(new.numpy()[0][i:i + 1], cfg.num_experts, first.num_ranks) for i in range(len(layers))]
+    rows = [_row(new, i) for i in range(len(layers))]
     changed = [row.moves_from(moe.placement).changed_slots for moe, row in zip(layers, rows, strict=True)]
     sent = _move(layers, rows, moving)
     stats = []

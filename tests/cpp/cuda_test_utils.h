@@ -5,18 +5,26 @@
 #include <cuda_runtime_api.h>
 #include <gtest/gtest.h>
 
+#include <cstdlib>
+#include <string>
 #include <vector>
 
 #include "cpp/core/check.h"
 
-// GTEST_SKIP()s the calling test when no CUDA device is usable (cudaGetDeviceCount fails or returns 0).
-#define EPMOE_SKIP_IF_NO_GPU()                                                              \
-    do {                                                                                    \
-        int epmoe_num_devices_ = 0;                                                         \
-        if (cudaGetDeviceCount(&epmoe_num_devices_) != cudaSuccess || epmoe_num_devices_ == 0) { \
-            (void)cudaGetLastError();                                                       \
-            GTEST_SKIP() << "no CUDA device";                                               \
-        }                                                                                   \
+// GTEST_SKIP()s the calling test when no CUDA device is usable (cudaGetDeviceCount fails or returns 0); with
+// EPMOE_REQUIRE_CUDA=1 (the GPU check) it fails instead, with CUDA's reason.
+#define EPMOE_SKIP_IF_NO_GPU()                                                                              \
+    do {                                                                                                    \
+        int epmoe_num_devices_ = 0;                                                                         \
+        const cudaError_t epmoe_err_ = cudaGetDeviceCount(&epmoe_num_devices_);                             \
+        if (epmoe_err_ != cudaSuccess || epmoe_num_devices_ == 0) {                                         \
+            (void)cudaGetLastError();                                                                       \
+            const char* epmoe_require_ = std::getenv("EPMOE_REQUIRE_CUDA");                                 \
+            if (epmoe_require_ != nullptr && std::string(epmoe_require_) == "1") {                          \
+                GTEST_FAIL() << "EPMOE_REQUIRE_CUDA=1 but no CUDA device: " << cudaGetErrorString(epmoe_err_); \
+            }                                                                                               \
+            GTEST_SKIP() << "no CUDA device";                                                               \
+        }                                                                                                   \
     } while (0)
 
 namespace epmoe::test {

@@ -91,7 +91,7 @@ TEST(DispatchLayout, EmptyInputs) {
 }
 
 TEST(DispatchLayout, HeaderMismatchNamesTheField) {
-    DispatchHeader a{kHeaderMagic, 3, 0, 8, 64, 6, 2, 0, -1, 7};
+    DispatchHeader a = make_header(8, 64, 1, 2, false, -1, 7, 0, kNoTag);
     DispatchHeader b = a;
     b[kNumRows] = 5;  // row counts may differ
     EXPECT_EQ(check_peer_header(a, b, 0, 1), "");

@@ -3,6 +3,7 @@
 #ifdef EPMOE_WITH_CUDA
 #include <gtest/gtest.h>
 
+#include <algorithm>
 #include <cmath>
 #include <cstdint>
 #include <cstring>
@@ -156,6 +157,56 @@ TEST(GroupedGemmCuda, Bf16LargeTiles) {
 TEST(GroupedGemmCuda, Bf16DecodeTiles) {
     EPMOE_SKIP_IF_NO_GPU();
     check_gemms(make_problem({3, 0, 16, 1, 40, 0, 7, 2}, 5), 136, 72, DType::kBFloat16, 3);
+}
+
+// The offsets a kernel uses after its device-side clamp: non-decreasing inside [0, num_rows].
+std::vector<int64_t> clamp_offsets(const std::vector<int64_t>& offsets, int64_t num_rows) {
+    std::vector<int64_t> out(offsets.size());
+    int64_t running = 0;
+    for (size_t e = 0; e < offsets.size(); ++e) {
+        running = std::max(running, offsets[e]);
+        out[e] = std::min(running, num_rows);
+    }
+    return out;
+}
+
+// Bad expert_offsets (non-monotone, negative, first != 0, past the last row) never reach outside the buffers
+// (compute-sanitizer memcheck runs this on the GPU check): the forward GEMMs compute what the clamped offsets
+// describe, rows no expert owns come out zero, and wgrad stays finite.
+TEST(GroupedGemmCuda, BadOffsetsStayInBounds) {
+    EPMOE_SKIP_IF_NO_GPU();
+    const int64_t rows = 12, hidden = 16, inter = 8;
+    const int num_experts = 3;
+    std::mt19937 rng(5);
+    const auto x = random_values(rows * hidden, rng);
+    const auto w13 = random_values(num_experts * 2 * inter * hidden, rng);
+    const auto w2 = random_values(num_experts * hidden * inter, rng);
+    DeviceBuffer<float> d_x(x), d_w13(w13), d_w2(w2);
+    DeviceBuffer<uint8_t> ws(cuda::grouped_gemm_workspace_bytes(num_experts));
+    const std::vector<std::vector<int64_t>> bad_offsets = {
+        {0, 9, 4, 40}, {-7, 3, 2, 12}, {5, 5, 11, 10}, {0, 1 << 30, -1, 3}, {-100, -50, -1, -1}};
+    for (const auto& offsets : bad_offsets) {
+        const std::vector<int64_t> clamped = clamp_offsets(offsets, rows);
+        DeviceBuffer<int64_t> d_bad(offsets), d_clamped(clamped);
+        DeviceBuffer<float> h_bad(rows * inter), h_ok(rows * inter), y_bad(rows * hidden), wg(num_experts * hidden * inter);
+        cuda::launch_grouped_swiglu(d_x.get(), DType::kFloat32, d_bad.get(), num_experts, rows, hidden, inter,
+                                    d_w13.get(), h_bad.get(), ws.get(), nullptr);
+        cuda::launch_grouped_swiglu(d_x.get(), DType::kFloat32, d_clamped.get(), num_experts, rows, hidden, inter,
+                                    d_w13.get(), h_ok.get(), ws.get(), nullptr);
+        cuda::launch_grouped_gemm(h_bad.get(), DType::kFloat32, d_bad.get(), num_experts, rows, inter, hidden,
+                                  d_w2.get(), true, y_bad.get(), ws.get(), nullptr);
+        cuda::launch_grouped_gemm_wgrad(y_bad.get(), h_bad.get(), DType::kFloat32, d_bad.get(), num_experts, rows,
+                                        hidden, inter, wg.get(), nullptr);
+        ASSERT_EQ(cudaDeviceSynchronize(), cudaSuccess);
+        const auto got = h_bad.to_host(), want = h_ok.to_host(), y = y_bad.to_host(), w = wg.to_host();
+        EXPECT_EQ(got, want) << "offsets " << offsets[0] << "," << offsets[1] << "," << offsets[2] << "," << offsets[3];
+        for (int64_t r = 0; r < rows; ++r) {
+            if (r >= clamped.front() && r < clamped.back()) continue;
+            for (int64_t c = 0; c < inter; ++c) EXPECT_EQ(got[r * inter + c], 0.0f) << "unowned row " << r;
+            for (int64_t c = 0; c < hidden; ++c) EXPECT_EQ(y[r * hidden + c], 0.0f) << "unowned row " << r;
+        }
+        for (float v : w) EXPECT_TRUE(std::isfinite(v));
+    }
 }
 
 TEST(GroupedGemmCuda, SwigluBackwardFloat32) {

@@ -17,6 +17,7 @@
 #include <cuda_runtime_api.h>
 
 #include "cuda/route.cuh"
+#include "tests/cpp/cuda_test_utils.h"
 #endif
 
 namespace {
@@ -278,17 +279,6 @@ TEST(RouteCpu, LargeExpertCountAndTopK) {
 }
 
 #ifdef EPMOE_WITH_CUDA
-
-bool has_gpu() {
-    int count = 0;
-    return cudaGetDeviceCount(&count) == cudaSuccess and count > 0;
-}
-
-#define EPMOE_SKIP_IF_NO_GPU()                    \
-    do {                                          \
-        if (not has_gpu())                        \
-            GTEST_SKIP() << "no CUDA device";     \
-    } while (0)
 
 template <typename T>
 T* to_device(const std::vector<T>& host) {

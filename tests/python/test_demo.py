@@ -18,13 +18,18 @@ def test_demo_runs_and_matches_reference(tmp_path, preset):
     # Piped: progress is one plain line per step on stderr, never a carriage return.
     assert "\r" not in proc.stdout + proc.stderr
     progress = [line for line in proc.stderr.splitlines() if line.startswith("epmoe demo [")]
-    assert len(progress) == 2 * 2 + 3 and progress[-1] == "epmoe demo [7/7] done", proc.stderr
+    # Three phases of 2 steps (before EPLB, after EPLB with hash, after EPLB with balanced), rebalance, report, done.
+    assert len(progress) == 3 * 2 + 3 and progress[-1] == "epmoe demo [9/9] done", proc.stderr
     report = json.loads((out / "report.json").read_text())
     assert report["match"] is True and report["max_abs_err"] <= report["tolerance"]
     assert report["ranks"] == 2 and len(report["before"]["rank_load"]) == 2
     assert len(report["before"]["bytes_sent_per_rank"]) == 2 and min(report["before"]["bytes_sent_per_rank"]) > 0
     # EPLB never makes the recorded window less balanced than the placement it replaced.
     assert report["rebalance"]["balancedness_after"] >= report["rebalance"]["balancedness_before"]
+    # The per-batch "balanced" replica choice on the same placement and tokens never loads a rank more than hash.
+    after, balanced = report["after"], report["after_balanced"]
+    assert balanced["max_over_mean_load"] <= after["max_over_mean_load"] + 1e-9
+    assert balanced["max_abs_err"] <= report["tolerance"]
     assert (out / "load.png").stat().st_size > 0
 
 

@@ -1,5 +1,6 @@
-"""EPGroup capacity mode (overflow reporting, dropping, errors without hangs), cross-rank disagreement, input
-validation and a dead peer, on real gloo processes."""
+"""EPGroup capacity mode (overflow reporting, dropping, errors without hangs), cross-rank disagreement with values
+named, bad input on one rank failing every rank, tags and ranks out of step, input validation and a dead peer, on
+real gloo processes."""
 
 from __future__ import annotations
 
@@ -51,8 +52,9 @@ def _capacity(rank, world):
     # overflow without dropping: the sender raises at check() and at combine, after the exchange (no peer hangs)
     d = ep.dispatch(x, idx, w, 4, mode="capacity", capacity=4)
     if rank == 0:
-        with pytest.raises(RuntimeError, match="exceeded capacity=4"):
+        with pytest.raises(RuntimeError, match="exceeded capacity=4") as info:
             d.handle.check()
+        assert "overflow per destination rank: [0, 2])" in str(info.value) and "Tensor" not in str(info.value)
         with pytest.raises(RuntimeError, match="drop_overflow=True"):
             ep.combine(d.recv_x, d.handle)
     else:
@@ -87,6 +89,17 @@ def _mismatch(rank, world):
     for field, call in cases:
         with pytest.raises(ValueError, match=f"disagree on {field}"):
             call()
+    # values by name, both ranks named
+    other = 1 - rank
+    with pytest.raises(ValueError, match=rf"dtype: rank {rank} has {'bfloat16' if rank else 'float32'}, rank {other} "
+                                         rf"has {'float32' if rank else 'bfloat16'}"):
+        ep.dispatch(x.to(torch.bfloat16) if rank else x, idx, w, 4)
+    with pytest.raises(ValueError, match=rf"mode: rank {rank} has {'capacity' if rank else 'exact'}, rank {other} "
+                                         rf"has {'exact' if rank else 'capacity'}"):
+        ep.dispatch(x, idx, w, 4, mode="capacity" if rank else "exact", capacity=8)
+    with pytest.raises(ValueError, match=rf"hidden size: rank {rank} has {H * (rank + 1)}, rank {other} has "
+                                         rf"{H * (other + 1)}"):
+        ep.dispatch(torch.randn(4, H * (rank + 1)), idx, w, 4)
     # local validation (the same bad input on every rank), messages name the argument
     with pytest.raises(ValueError, match="topk_idx values must be in"):
         ep.dispatch(x, idx + 3, w, 4)
@@ -94,8 +107,11 @@ def _mismatch(rank, world):
         ep.dispatch(x, idx, w, 3)
     with pytest.raises(ValueError, match="mode must be"):
         ep.dispatch(x, idx, w, 4, mode="fast")
-    with pytest.raises(ValueError, match="capacity must be given"):
+    with pytest.raises(ValueError, match="capacity must be given .*when mode='capacity'") as info:
         ep.dispatch(x, idx, w, 4, mode="capacity")
+    assert "-1" not in str(info.value)
+    with pytest.raises(ValueError, match="capacity must be >= 0, got -3"):
+        ep.dispatch(x, idx, w, 4, mode="capacity", capacity=-3)
     with pytest.raises(ValueError, match="topk_weights must have shape"):
         ep.dispatch(x, idx, w[:, :1], 4)
     with pytest.raises(TypeError, match="topk_idx must be int32 or int64"):
@@ -113,6 +129,46 @@ def _mismatch(rank, world):
 
 def test_cross_rank_mismatch_and_validation():
     assert all(run_ranks(_mismatch, 2).values())
+
+
+def _one_rank_bad(rank, world):
+    """Bad input on one rank only fails that rank and its peer in the same dispatch, naming the rank and the value;
+    ranks out of step or with different tags raise on both; the group stays usable after each."""
+    import epmoe
+
+    ep = epmoe.EPGroup(timeout=20)
+    x = torch.randn(4, H)
+    w = torch.rand(4, 2)
+    idx = torch.tensor([[0, 1], [2, 3], [1, 2], [3, 0]], dtype=torch.int32)
+    for mode, capacity in (("exact", None), ("capacity", 4)):
+        bad = idx.clone()
+        if rank == 1:
+            bad[2, 1] = 9
+        with pytest.raises(ValueError, match=r"topk_idx values must be in \[-1, 4\) \(num_experts\): rank 1 has 9 "
+                                             r"at token 2 slot 1"):
+            ep.dispatch(x, bad, w, 4, mode=mode, capacity=capacity)
+    bad_map = torch.tensor([0, 0, 1, 5 if rank == 0 else 1])
+    with pytest.raises(ValueError, match=r"expert_to_rank values must be rank ids.*rank 0 has 5 at "
+                                         r"expert_to_rank\[3\]"):
+        ep.dispatch(x, idx, w, 4, expert_to_rank=bad_map)
+    with pytest.raises(ValueError, match=rf"dispatch tag: rank {rank} has {10 + rank}, rank {1 - rank} has "
+                                         rf"{11 - rank}"):
+        ep.dispatch(x, idx, w, 4, tag=10 + rank)
+    with pytest.raises(ValueError, match=rf"dispatch tag: rank {rank} has {'7' if rank == 0 else 'none'}"):
+        ep.dispatch(x, idx, w, 4, tag=7 if rank == 0 else None)
+    d = ep.dispatch(x, idx, w, 4, tag=3)  # same tag: fine
+    y = ep.combine(d.recv_x, d.handle)
+    torch.testing.assert_close(y, x * w.sum(1, keepdim=True))
+    # a rank whose EPGroup restarted its count (a fresh group object) is out of step with its peer
+    fresh = epmoe.EPGroup(timeout=20) if rank == 1 else ep
+    with pytest.raises(RuntimeError, match="EP ranks are out of step") as info:
+        fresh.dispatch(x, idx, w, 4)
+    assert f"rank {rank} is at dispatch {fresh.num_dispatches - 1}" in str(info.value)
+    return True
+
+
+def test_one_rank_bad_input_fails_every_rank():
+    assert all(run_ranks(_one_rank_bad, 2, timeout=120).values())
 
 
 def _dead_peer(rank, world):

@@ -2,16 +2,21 @@
 //
 // The runtime owns one ncclComm_t per EP group, bootstrapped from a unique id that Python broadcasts through the
 // torch.distributed group. An all-to-all is a grouped ncclSend/ncclRecv on a dedicated communication stream:
-// the comm stream waits on an event recorded on the caller's stream (inputs are ready), and wait() makes the
-// caller's stream wait on the comm stream's completion event. The work object keeps both buffers alive until it
-// is destroyed, which happens after the transfer is complete.
+// the comm stream waits on an event recorded on the caller's stream (inputs are ready), and the work's wait() or
+// wait_stream() makes the caller's stream wait on the comm stream's completion event. The work object keeps both
+// buffers alive; when it is destroyed without a wait, the stream the buffers were allocated on is made to wait for
+// the transfer instead, so the caching allocator can only hand the memory out again after the transfer, and the
+// destructor never blocks the host.
 //
 // NOTES: failure handling. The communicator is non-blocking (ncclConfig_t::blocking = 0), so init and ncclGroupEnd
-// return at once (ncclInProgress) instead of blocking inside NCCL. Every wait — init, launch, the completion of a
-// transfer — polls ncclCommGetAsyncError and the completion event on the host against a deadline (the EP group's
-// timeout, by default the process group's). On an asynchronous NCCL error (a peer closed its connection) or at the
-// deadline (a peer died or stopped calling), the communicator is aborted with ncclCommAbort, which also stops
+// return at once (ncclInProgress) instead of blocking inside NCCL. Every host wait — init, launch, wait() of a
+// transfer, a fence — polls ncclCommGetAsyncError and the completion event on the host against a deadline (the EP
+// group's timeout, by default the process group's). On an asynchronous NCCL error (a peer closed its connection) or
+// at the deadline (a peer died or stopped calling), the communicator is aborted with ncclCommAbort, which also stops
 // its kernels still spinning on the device, and the wait raises. An aborted communicator refuses later calls.
+// wait_stream() (capacity mode, CUDA graphs) does not poll: a failure of such a transfer surfaces at the next host
+// wait on the communicator (a later exact-mode exchange, EPGroup.synchronize(), handle.check(), destroy()).
+// The group of an all-to-all is always ended, also when enqueuing a send or receive failed.
 #ifdef EPMOE_WITH_NCCL
 
 #include <c10/cuda/CUDAGuard.h>
@@ -107,40 +112,70 @@ class NcclState {
     std::string failure_ = "it was not initialised";
 };
 
+// A CUDA event owned by one object (destroying a recorded event that is still pending is allowed: CUDA releases it
+// once it completes).
+class Event {
+  public:
+    Event() { EPMOE_CUDA_CHECK(cudaEventCreateWithFlags(&event_, cudaEventDisableTiming)); }
+    ~Event() {
+        if (event_ != nullptr) cudaEventDestroy(event_);
+    }
+    Event(const Event&) = delete;
+    Event& operator=(const Event&) = delete;
+    cudaEvent_t get() const { return event_; }
+
+  private:
+    cudaEvent_t event_ = nullptr;
+};
+
+// True when `stream` is being captured into a CUDA graph: host waits are impossible there.
+bool is_capturing(cudaStream_t stream) {
+    cudaStreamCaptureStatus status = cudaStreamCaptureStatusNone;
+    EPMOE_CUDA_CHECK(cudaStreamIsCapturing(stream, &status));
+    return status != cudaStreamCaptureStatusNone;
+}
+
 class NcclWork final : public CommWork {
   public:
-    NcclWork(std::shared_ptr<NcclState> state, cudaEvent_t done, at::Tensor output, at::Tensor input)
-        : state_(std::move(state)), done_(done), output_(std::move(output)), input_(std::move(input)) {}
+    NcclWork(std::shared_ptr<NcclState> state, std::unique_ptr<Event> done, cudaStream_t alloc_stream,
+             at::Tensor output, at::Tensor input)
+        : state_(std::move(state)), done_(std::move(done)), alloc_stream_(alloc_stream),
+          output_(std::move(output)), input_(std::move(input)) {}
     ~NcclWork() override {
-        // NOTES: the buffers may be released only once the transfer finished (or the communicator was aborted,
-        // which stops its kernels); without a wait() we poll here and drop the error (destructors do not throw).
-        const c10::cuda::CUDAGuard guard(static_cast<c10::DeviceIndex>(state_->device()));
-        if (!waited_) wait_done();
-        cudaEventDestroy(done_);
+        // NOTES: never blocks: reuse of the buffers on their allocation stream is ordered after the transfer.
+        if (!waited_ && (output_.defined() || input_.defined())) cudaStreamWaitEvent(alloc_stream_, done_->get(), 0);
     }
     void wait() override {
         const c10::cuda::CUDAGuard guard(static_cast<c10::DeviceIndex>(state_->device()));
-        waited_ = true;
-        const std::string error = wait_done();
+        const cudaStream_t caller = c10::cuda::getCurrentCUDAStream().stream();
+        EPMOE_HOST_CHECK(!is_capturing(caller), "this EP transfer waits on the host (exact mode), which a CUDA graph "
+                                                "capture cannot contain: use mode='capacity' inside graphs");
+        const std::string error = state_->poll("all-to-all", [&] { return event_done(); });
         EPMOE_HOST_CHECK(error.empty(), error);
-        EPMOE_CUDA_CHECK(cudaStreamWaitEvent(c10::cuda::getCurrentCUDAStream().stream(), done_, 0));
+        EPMOE_HOST_CHECK(query_ == cudaSuccess, "CUDA error in an EP all-to-all: ", cudaGetErrorString(query_));
+        order(caller);
+    }
+    void wait_stream() override {
+        const c10::cuda::CUDAGuard guard(static_cast<c10::DeviceIndex>(state_->device()));
+        state_->check_usable();
+        order(c10::cuda::getCurrentCUDAStream().stream());
     }
 
   private:
-    // Host-side wait for the completion event, polling NCCL's error state and the deadline.
-    std::string wait_done() {
-        cudaError_t query = cudaSuccess;
-        std::string error = state_->poll("all-to-all", [&] {
-            query = cudaEventQuery(done_);
-            return query != cudaErrorNotReady;
-        });
-        if (error.empty() && query != cudaSuccess) error = std::string("CUDA error: ") + cudaGetErrorString(query);
-        return error;
+    bool event_done() {
+        query_ = cudaEventQuery(done_->get());
+        return query_ != cudaErrorNotReady;
+    }
+    void order(cudaStream_t caller) {
+        EPMOE_CUDA_CHECK(cudaStreamWaitEvent(caller, done_->get(), 0));
+        waited_ = true;
     }
 
     std::shared_ptr<NcclState> state_;
-    cudaEvent_t done_;
+    std::unique_ptr<Event> done_;
+    cudaStream_t alloc_stream_;
     at::Tensor output_, input_;
+    cudaError_t query_ = cudaSuccess;
     bool waited_ = false;
 };
 
@@ -170,33 +205,49 @@ class NcclCommunicator final : public Communicator {
         EPMOE_HOST_CHECK(output.is_contiguous() && input.is_contiguous(), "all_to_all needs contiguous buffers");
         const c10::cuda::CUDAGuard guard(static_cast<c10::DeviceIndex>(state_->device()));
         const cudaStream_t caller = c10::cuda::getCurrentCUDAStream().stream();
-        cudaEvent_t ready, done;
-        EPMOE_CUDA_CHECK(cudaEventCreateWithFlags(&ready, cudaEventDisableTiming));
-        EPMOE_CUDA_CHECK(cudaEventCreateWithFlags(&done, cudaEventDisableTiming));
-        EPMOE_CUDA_CHECK(cudaEventRecord(ready, caller));
-        EPMOE_CUDA_CHECK(cudaStreamWaitEvent(stream_.stream(), ready, 0));
-        EPMOE_CUDA_CHECK(cudaEventDestroy(ready));
+        const Event ready;
+        auto done = std::make_unique<Event>();
+        EPMOE_CUDA_CHECK(cudaEventRecord(ready.get(), caller));
+        EPMOE_CUDA_CHECK(cudaStreamWaitEvent(stream_.stream(), ready.get(), 0));
         const int64_t in_row = input.dim() > 0 && input.size(0) > 0 ? input.nbytes() / input.size(0) : 0;
         const int64_t out_row = output.dim() > 0 && output.size(0) > 0 ? output.nbytes() / output.size(0) : 0;
         const auto* send = static_cast<const uint8_t*>(input.data_ptr());
         auto* recv = static_cast<uint8_t*>(output.data_ptr());
         const ncclComm_t comm = state_->comm();
+        // NOTES: the group is ended whatever happens inside it; a failed enqueue then aborts the communicator
+        // (its peers would wait for the missing transfer) and raises.
         EPMOE_NCCL_CHECK(ncclGroupStart());
-        for (int64_t r = 0, send_row = 0, recv_row = 0; r < num_ranks_; ++r) {
+        ncclResult_t enqueue = ncclSuccess;
+        for (int64_t r = 0, send_row = 0, recv_row = 0; r < num_ranks_ && enqueue == ncclSuccess; ++r) {
             if (input_splits[r] > 0) {
-                EPMOE_NCCL_CHECK(ncclSend(send + send_row * in_row, input_splits[r] * in_row, ncclUint8,
-                                          static_cast<int>(r), comm, stream_.stream()));
+                enqueue = ncclSend(send + send_row * in_row, input_splits[r] * in_row, ncclUint8,
+                                   static_cast<int>(r), comm, stream_.stream());
             }
-            if (output_splits[r] > 0) {
-                EPMOE_NCCL_CHECK(ncclRecv(recv + recv_row * out_row, output_splits[r] * out_row, ncclUint8,
-                                          static_cast<int>(r), comm, stream_.stream()));
+            if (enqueue == ncclSuccess && output_splits[r] > 0) {
+                enqueue = ncclRecv(recv + recv_row * out_row, output_splits[r] * out_row, ncclUint8,
+                                   static_cast<int>(r), comm, stream_.stream());
             }
             send_row += input_splits[r];
             recv_row += output_splits[r];
         }
-        state_->complete("all-to-all launch", ncclGroupEnd());
-        EPMOE_CUDA_CHECK(cudaEventRecord(done, stream_.stream()));
-        return std::make_unique<NcclWork>(state_, done, output, input);
+        const ncclResult_t end = ncclGroupEnd();
+        if (enqueue != ncclSuccess) {
+            const std::string error = state_->abort(std::string("EP NCCL all-to-all enqueue failed: ") +
+                                                    ncclGetErrorString(enqueue));
+            EPMOE_HOST_CHECK(false, error);
+        }
+        state_->complete("all-to-all launch", end);
+        EPMOE_CUDA_CHECK(cudaEventRecord(done->get(), stream_.stream()));
+        return std::make_unique<NcclWork>(state_, std::move(done), caller, output, input);
+    }
+
+    std::unique_ptr<CommWork> fence() override {
+        state_->check_usable();
+        const c10::cuda::CUDAGuard guard(static_cast<c10::DeviceIndex>(state_->device()));
+        auto done = std::make_unique<Event>();
+        EPMOE_CUDA_CHECK(cudaEventRecord(done->get(), stream_.stream()));
+        return std::make_unique<NcclWork>(state_, std::move(done), c10::cuda::getCurrentCUDAStream().stream(),
+                                          at::Tensor(), at::Tensor());
     }
 
     void destroy() override { state_->destroy(); }

@@ -119,6 +119,8 @@ def _run(args) -> int:
     print(f"layers {num_layers}, experts {num_experts}, slots {args.slots}, ranks {args.ranks}, strategy {strategy}")
     print(f"balancedness before ({label}): min {before.min():.4f} mean {before.mean():.4f}")
     print(f"balancedness after:  min {after.min():.4f} mean {after.mean():.4f}")
+    weighted = balancedness(load, placement, policy="weighted")
+    print(f"balancedness after, weighted replica shares: min {weighted.min():.4f} mean {weighted.mean():.4f}")
     print(f"replicas per expert: max {int(placement.logcnt.max())}, same-rank duplicates "
           f"{placement.num_same_rank_duplicates()}")
     if previous is not None:

@@ -3,9 +3,11 @@
 Terms: logical expert e in [0, E); physical slot p in [0, P); rank r in [0, R) owns the contiguous slots
 [r * P / R, (r + 1) * P / R). Layers are independent and batched along dim 0.
 
-Load model (used by every function of `epmoe.eplb`): a logical expert's tokens are split uniformly over its
+Load model: with the default replica policy ("hash") a logical expert's tokens are split uniformly over its
 replicas, because `map_to_physical` picks a replica with a uniform hash. Slot p of layer l therefore carries
-`load[l, phy2log[l, p]] / logcnt[l, phy2log[l, p]]` tokens and a rank carries the sum over its slots.
+`load[l, phy2log[l, p]] / logcnt[l, phy2log[l, p]]` tokens and a rank carries the sum over its slots. The
+"weighted" policy splits by the placement's replica shares (`Placement.share`, chosen by `plan`) and "balanced"
+assigns each batch optimally; `rank_load` and `balancedness` take the policy whose loads they predict.
 """
 
 from __future__ import annotations
@@ -93,18 +95,43 @@ class MoveStats:
     per_layer_remote: np.ndarray
 
 
+def _even_share(phy2log: np.ndarray, logcnt: np.ndarray) -> np.ndarray:
+    return 1.0 / np.take_along_axis(logcnt, phy2log, axis=1)
+
+
+def _check_share(share, phy2log: np.ndarray, num_experts: int) -> np.ndarray:
+    """float64 [L, P] copy of `share`, validated: finite, >= 0, summing to 1 over each expert's slots."""
+    if isinstance(share, torch.Tensor):
+        share = share.detach().to("cpu", torch.float64).numpy()
+    arr = np.array(share, dtype=np.float64)
+    if arr.shape != phy2log.shape:
+        raise ValueError(f"share must have shape {tuple(phy2log.shape)} (layers, slots), got {tuple(arr.shape)}")
+    if not np.all(np.isfinite(arr)) or np.any(arr < 0):
+        raise ValueError("share must be finite and non-negative")
+    num_layers = phy2log.shape[0]
+    rows = np.repeat(np.arange(num_layers), phy2log.shape[1]) * num_experts + phy2log.reshape(-1)
+    sums = np.bincount(rows, weights=arr.reshape(-1), minlength=num_layers * num_experts)
+    if np.any(np.abs(sums - 1.0) > 1e-6):
+        bad = int(np.argmax(np.abs(sums - 1.0)))
+        raise ValueError(f"share must sum to 1 over the slots of each expert; expert {bad % num_experts} of layer "
+                         f"{bad // num_experts} sums to {sums[bad]:.9g}")
+    return arr
+
+
 class Placement:
-    """Physical slot contents of every MoE layer, with the derived inverse maps.
+    """Physical slot contents of every MoE layer, with the derived inverse maps and the replica shares.
 
     Attributes:
         phy2log: int64 [L, P], logical expert held by each slot.
         log2phy: int64 [L, E, max_replicas], slots of each expert in ascending slot order, -1 padded;
             `max_replicas` is the largest replica count of the placement.
         logcnt: int64 [L, E], number of replicas of each logical expert.
+        share: float64 [L, P], the fraction of its expert's tokens each slot takes under the "weighted" replica
+            policy (sums to 1 over an expert's slots); the even split 1 / logcnt unless given (`plan` chooses it).
         num_ranks: R; rank r owns slots [r * P / R, (r + 1) * P / R).
     """
 
-    def __init__(self, phy2log, num_experts: int, num_ranks: int):
+    def __init__(self, phy2log, num_experts: int, num_ranks: int, share=None):
         if isinstance(phy2log, torch.Tensor):
             phy2log = phy2log.detach().cpu().numpy()
         phy2log = np.asarray(phy2log)
@@ -127,6 +154,23 @@ class Placement:
         if np.any(self._logcnt == 0):
             layer, expert = np.argwhere(self._logcnt == 0)[0]
             raise ValueError(f"phy2log leaves logical expert {expert} of layer {layer} without a replica")
+        self._share = (_even_share(self._phy2log, self._logcnt) if share is None
+                       else _check_share(share, self._phy2log, num_experts))
+
+    def with_share(self, share) -> Placement:
+        """The same slots with other replica shares (float64 [L, P], validated like the constructor's)."""
+        out = object.__new__(Placement)
+        out.__dict__.update({k: v for k, v in self.__dict__.items() if not k.startswith("_device")})
+        out._share = _check_share(share, self._phy2log, self.num_experts)
+        return out
+
+    def has_even_share(self) -> bool:
+        """True when the shares are the even split (then "weighted" and "hash" predict the same loads)."""
+        return bool(np.allclose(self._share, _even_share(self._phy2log, self._logcnt), rtol=0, atol=1e-12))
+
+    def __getstate__(self) -> dict:
+        # Device copies of the maps (cached by map_to_physical) are not part of the placement.
+        return {k: v for k, v in self.__dict__.items() if not k.startswith("_device")}
 
     # Shapes
     @property
@@ -157,6 +201,10 @@ class Placement:
     @property
     def logcnt(self) -> torch.Tensor:
         return torch.from_numpy(self._logcnt.copy())
+
+    @property
+    def share(self) -> torch.Tensor:
+        return torch.from_numpy(self._share.copy())
 
     def numpy(self) -> tuple:
         """Read-only numpy views (phy2log [L, P], log2phy [L, E, M], logcnt [L, E])."""
@@ -217,13 +265,13 @@ class Placement:
         if mine != theirs:
             raise ValueError(f"{name} has (layers, slots, experts, ranks) = {theirs}, expected {mine}")
 
-    def rank_load(self, load) -> np.ndarray:
-        """float64 [L, R]: tokens per rank under the uniform replica split (see the module docstring)."""
-        return rank_load(load, self)
+    def rank_load(self, load, *, policy: str = "hash") -> np.ndarray:
+        """float64 [L, R]: tokens per rank under `policy` (see `rank_load`)."""
+        return rank_load(load, self, policy=policy)
 
-    def balancedness(self, load) -> np.ndarray:
+    def balancedness(self, load, *, policy: str = "hash") -> np.ndarray:
         """float64 [L]: see `balancedness`."""
-        return balancedness(load, self)
+        return balancedness(load, self, policy=policy)
 
     def moves_from(self, other: Placement) -> MoveStats:
         """Expert copies needed to go from `other` (the current placement) to this one."""
@@ -241,12 +289,16 @@ class Placement:
         return MoveStats(int(changed.sum()), int(remote.sum()), int(local.sum()), remote.sum(axis=1))
 
     def to_json_dict(self) -> dict:
-        """JSON-serialisable dict with a `physical_to_logical_map` field ([L][P] ints)."""
-        return {
+        """JSON-serialisable dict with a `physical_to_logical_map` field ([L][P] ints), and `replica_share`
+        ([L][P] floats) unless the shares are the even split."""
+        data = {
             "physical_to_logical_map": self._phy2log.tolist(),
             "num_logical_experts": self.num_experts,
             "num_ranks": self.num_ranks,
         }
+        if not self.has_even_share():
+            data["replica_share"] = self._share.tolist()
+        return data
 
     def save(self, path) -> None:
         """Writes the placement as JSON (see `to_json_dict`)."""
@@ -258,7 +310,7 @@ class Placement:
             if key not in data:
                 raise ValueError(f"placement JSON lacks the field {key!r}")
         return cls(np.asarray(data["physical_to_logical_map"], dtype=np.int64), int(data["num_logical_experts"]),
-                   int(data["num_ranks"]))
+                   int(data["num_ranks"]), share=data.get("replica_share"))
 
     @classmethod
     def load(cls, path) -> Placement:
@@ -267,48 +319,61 @@ class Placement:
 
     def __eq__(self, other) -> bool:
         return (isinstance(other, Placement) and self.num_ranks == other.num_ranks
-                and self.num_experts == other.num_experts and np.array_equal(self._phy2log, other._phy2log))
+                and self.num_experts == other.num_experts and np.array_equal(self._phy2log, other._phy2log)
+                and np.array_equal(self._share, other._share))
 
     def __repr__(self) -> str:
         return (f"Placement(num_layers={self.num_layers}, num_slots={self.num_slots}, num_experts={self.num_experts}, "
                 f"num_ranks={self.num_ranks}, max_replicas={self.max_replicas})")
 
 
-def _slot_share(load: np.ndarray, phy2log: np.ndarray, logcnt: np.ndarray) -> np.ndarray:
-    per_copy = load / logcnt
-    return np.take_along_axis(per_copy, phy2log, axis=1)
+POLICIES = ("hash", "weighted", "balanced")
 
 
-def rank_load(load, placement: Placement) -> np.ndarray:
-    """float64 [L, R]: rank r's load = sum over its slots p of load[l, phy2log[l, p]] / logcnt[l, phy2log[l, p]].
+def rank_load(load, placement: Placement, *, policy: str = "hash") -> np.ndarray:
+    """float64 [L, R]: the predicted tokens of each rank under a replica policy.
+
+    "hash": rank r's load = sum over its slots p of load[l, phy2log[l, p]] / logcnt[l, phy2log[l, p]];
+    "weighted": the same with the slot's share (`placement.share`) instead of 1 / logcnt; "balanced": the
+    min-max optimum over the placement's replicas (what the per-batch policy achieves on a batch with this load).
 
     Arguments:
         load: [L, E] logical load (tokens per expert), any numeric dtype.
         placement: a `Placement` with the same L and E.
+        policy: "hash", "weighted" or "balanced".
     """
     if not isinstance(placement, Placement):
         raise TypeError(f"placement must be an epmoe.eplb.Placement, got {type(placement).__name__}")
+    if policy not in POLICIES:
+        raise ValueError(f"policy must be one of {POLICIES}, got {policy!r}")
     arr = as_load_array(load)
     if arr.shape != (placement.num_layers, placement.num_experts):
         raise ValueError(f"load must have shape {(placement.num_layers, placement.num_experts)}, got {arr.shape}")
+    if policy == "balanced":
+        from .shares import optimal_rank_load
+
+        return optimal_rank_load(arr, placement)
     phy2log, _, logcnt = placement.numpy()
-    share = _slot_share(arr, phy2log, logcnt)
-    return share.reshape(placement.num_layers, placement.num_ranks, placement.num_local_slots).sum(axis=2)
+    share = placement._share if policy == "weighted" else 1.0 / np.take_along_axis(logcnt, phy2log, axis=1)
+    per_slot = np.take_along_axis(arr, phy2log, axis=1) * share
+    return per_slot.reshape(placement.num_layers, placement.num_ranks, placement.num_local_slots).sum(axis=2)
 
 
-def balancedness(load, placement: Placement) -> np.ndarray:
+def balancedness(load, placement: Placement, *, policy: str = "hash") -> np.ndarray:
     """Per-layer balancedness: mean over ranks of the rank load divided by the max rank load (1.0 = perfect).
 
-    A rank's load is the sum over its slots of the slot's logical load divided by that expert's replica count
-    (`rank_load`). A layer with no load at all counts as perfectly balanced.
+    Rank loads are `rank_load(load, placement, policy=policy)`: by default ("hash") a rank's load is the sum over
+    its slots of the slot's logical load divided by that expert's replica count. A layer with no load at all counts
+    as perfectly balanced.
 
     Arguments:
         load: [L, E] logical load, any numeric dtype.
         placement: a `Placement` with the same L and E.
+        policy: "hash", "weighted" or "balanced" (see `rank_load`).
 
     Returns:
         float64 numpy [L].
     """
-    per_rank = rank_load(load, placement)
+    per_rank = rank_load(load, placement, policy=policy)
     peak = per_rank.max(axis=1)
     return np.where(peak > 0, per_rank.mean(axis=1) / np.where(peak > 0, peak, 1.0), 1.0)

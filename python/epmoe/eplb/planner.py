@@ -1,15 +1,20 @@
 """`plan()`: the epmoe expert placement planner.
 
 Fresh plan, per layer (all layers at once, numpy):
-  1. (hierarchical) expert groups -> nodes: cardinality-constrained packing of group loads, refined by swaps.
+  1. (hierarchical) expert groups -> nodes: the best of every partition when there are few (8 groups on 2 or 4
+     nodes: 35 or 105), else cardinality-constrained packing of group loads refined by swaps.
   2. replica counts: give each extra slot to the expert with the largest per-copy load (optimal for the largest
      per-copy load), never more copies than ranks in scope so that no rank needs two copies of one expert.
   3. replicas -> ranks: round-robin LPT (per round the heaviest remaining replicas go to the lightest ranks),
      a repair pass for same-rank duplicates, rounds of pairwise swaps (i-th heaviest <-> i-th lightest rank), then
-     swaps between the heaviest rank and the lightest ranks until the heaviest rank cannot be lowered.
+     swaps between the heaviest rank and the lightest ranks until the heaviest rank cannot be lowered. A swap's new
+     maximum grows with the distance of the partner's weight from the one that evens the two ranks, so ranks with
+     many slots only try the partners nearest to it. Packing stops once the heaviest rank is within
+     _PACK_TOLERANCE of the lower bound (mean and largest replica).
   4. where the one-copy-per-rank cap binds (an expert has >= R - 1 copies in its scope), step 3 also runs on
      replica-count variants (one copy moved between two of the three most replicated experts), all variants in one
      call, and the best packing is kept.
+  5. replica shares ("weighted" policy): the min-max split of each expert's load over its copies, water-filled.
 Incremental plan (`previous=` and `max_moves=`): greedy local search from the previous slots, all layers at once.
 Potential: sum over ranks of ((load - mean)_+ / mean) ** 4. Each step scores, per layer, the best swap of each of the
 heaviest ranks with a slot of another rank (2 slot changes; screened in float32, then scored exactly) and the best
@@ -21,6 +26,9 @@ changed are free to change again. It stops when the budget is used or nothing im
 
 from __future__ import annotations
 
+import functools
+import itertools
+import math
 from typing import NamedTuple
 
 import numpy as np
@@ -28,6 +36,7 @@ import torch
 
 from .._validate import check_int
 from .placement import Placement, as_load_array
+from .shares import replica_shares
 
 __all__ = ["plan", "STRATEGIES"]
 
@@ -39,6 +48,10 @@ _MAX_REFINE = 12
 _PAIR_ROUNDS = 8
 _PAIRS = 8
 _VARIANT_EXPERTS = 3
+_PACK_TOLERANCE = 1e-5  # packing stops once the heaviest pack is within this of the lower bound
+_NEAREST = 2  # swap partners tried on each side of the ideal weight, when packs hold more than _NEAREST_MIN items
+_NEAREST_MIN = 12
+_MAX_PARTITIONS = 8192  # groups -> nodes: every partition is scored when there are at most this many
 _REPAIR_HEAVY_RANKS = 2
 _REPAIR_LIGHT_RANKS = 64
 _REPAIR_SWAP_BUDGET = 4096
@@ -58,6 +71,39 @@ def _at(table: np.ndarray, i: np.ndarray, j: np.ndarray, k: np.ndarray) -> np.nd
     """table[i, j, k] for a contiguous 3-d table and broadcasting integer index arrays (one flat take)."""
     _, n1, n2 = table.shape
     return table.reshape(-1)[(i * n1 + j) * n2 + k]
+
+
+def _partner_items(w: np.ndarray, target: np.ndarray) -> np.ndarray | None:
+    """Swap partners worth trying in K selected packs, for Q items each: all S items of the pack when packs are
+    small (None), else the 2 * _NEAREST items whose weight is nearest to the target (the weight that evens the two
+    packs; the swap's new maximum grows with the distance from it).
+
+    Arguments: w float64 [A, K, S] item weights of the selected packs; target float64 [A, Q, K].
+
+    Returns:
+        None, or int64 [A, Q, K, 2 * _NEAREST] flat indices into w (w.reshape(-1)).
+    """
+    num_a, num_k, num_items = w.shape
+    if num_items <= _NEAREST_MIN:
+        return None
+    order = np.argsort(w, axis=2).reshape(-1)
+    srt = w.reshape(-1)[order + np.repeat(np.arange(num_a * num_k) * num_items, num_items)]
+    # One sorted array for every pack: pack i's weights shifted by i * span, so that one searchsorted serves all.
+    lo, hi = float(srt.min()), float(srt.max())
+    span = 2.0 * (hi - lo) + 1.0
+    row = np.arange(num_a * num_k).reshape(num_a, 1, num_k)
+    flat = srt - lo + np.repeat(np.arange(num_a * num_k) * span, num_items)
+    t = np.clip(target, lo - 0.25 * span, hi + 0.25 * span) - lo + row * span
+    pos = np.searchsorted(flat, t) - row * num_items  # rank of the target inside its pack
+    sorted_idx = np.clip(pos[..., None] + np.arange(-_NEAREST, _NEAREST), 0, num_items - 1) + row[..., None] * num_items
+    return order[sorted_idx] + row[..., None] * num_items
+
+
+def _candidates(values: np.ndarray, cand: np.ndarray | None, num_q: int) -> np.ndarray:
+    """values [A, K, S] at the partner items: [A, Q, K, C] (a broadcast view [A, Q, K, S] when cand is None)."""
+    if cand is None:
+        return np.broadcast_to(values[:, None, :, :], (values.shape[0], num_q) + values.shape[1:])
+    return values.reshape(-1)[cand]
 
 
 def _replicate(weight: np.ndarray, num_phy: int, max_copies: int | None) -> np.ndarray:
@@ -111,11 +157,10 @@ def _refine(pw, pk, load, has, bound, avoid_conflicts: bool, max_iters: int) -> 
     num_rows, num_packs, num_per_pack = pw.shape
     if num_packs == 1:
         return
-    # Keep the [A, S, S, T] candidate array small when packs hold many items.
-    budget = max(1, 4096 // (num_per_pack * num_per_pack))
+    # Keep the [A, S, T, C] candidate array small when packs hold many items.
+    budget = max(1, 4096 // (num_per_pack * (2 * _NEAREST if num_per_pack > _NEAREST_MIN else num_per_pack)))
     num_light = min(num_packs - 1, _REFINE_LIGHT, budget)
     num_small = min(num_packs * num_per_pack - 1, _REFINE_SMALL, budget)
-    num_partners = num_light + num_small
     active = np.nonzero(load.max(axis=1) > bound)[0]
     for _ in range(max_iters):
         if active.size == 0:
@@ -130,24 +175,27 @@ def _refine(pw, pk, load, has, bound, avoid_conflicts: bool, max_iters: int) -> 
         partners = np.concatenate([lightest, small], axis=1)
         lh = ld[np.arange(active.size), heavy]
         lp = np.take_along_axis(ld, partners, axis=1)
-        # Layout [A, S (heavy item), S (partner item), T (partner)]: the long axis last.
         wh = pw[active, heavy]  # [A, S]
-        wp = pw[active[:, None], partners].transpose(0, 2, 1)  # [A, S, T]
-        d = wh[:, :, None, None] - wp[:, None, :, :]  # [A, S, S, T]
-        new_max = np.maximum(lh[:, None, None, None] - d, lp[:, None, None, :] + d)
-        valid = (d > 0) & (partners != heavy[:, None])[:, None, None, :]
+        wp = pw[active[:, None], partners]  # [A, T, S]
+        target = wh[:, :, None] - 0.5 * (lh[:, None] - lp)[:, None, :]  # [A, S, T]: the partner weight that evens
+        cand = _partner_items(wp, target)
+        # Layout [A, S (heavy item), T (partner), C (partner item)].
+        d = wh[:, :, None, None] - _candidates(wp, cand, num_per_pack)
+        new_max = np.maximum(lh[:, None, None, None] - d, lp[:, None, :, None] + d)
+        valid = (d > 0) & (partners != heavy[:, None])[:, None, :, None]
         if avoid_conflicts:
             kh = pk[active, heavy]  # [A, S]
-            kp = pk[active[:, None], partners].transpose(0, 2, 1)  # [A, S, T]
+            kc = _candidates(pk[active[:, None], partners], cand, num_per_pack)  # [A, S, T, C]
             a_in_partner = _at(has, active[:, None, None], partners[:, None, :], kh[:, :, None]) > 0  # [A, S, T]
-            b_in_heavy = _at(has, active[:, None, None], heavy[:, None, None], kp) > 0  # [A, S, T]
-            valid &= ~a_in_partner[:, :, None, :] & ~b_in_heavy[:, None, :, :]
+            b_in_heavy = _at(has, active[:, None, None, None], heavy[:, None, None, None], kc) > 0
+            valid &= ~a_in_partner[:, :, :, None] & ~b_in_heavy
         new_max = np.where(valid, new_max, np.inf).reshape(active.size, -1)
         best = np.argmin(new_max, axis=1)
         improves = new_max[np.arange(active.size), best] < lh * (1 - 1e-12)
         # One swap per improving row, applied to all rows at once.
         x, h, best = active[improves], heavy[improves], best[improves]
-        a, b, t = np.unravel_index(best, (num_per_pack, num_per_pack, num_partners))
+        a, t, c = np.unravel_index(best, d.shape[1:])
+        b = c if cand is None else cand[improves, a, t, c] % num_per_pack
         r = partners[improves, t]
         _swap(pw, pk, load, has, x, h, a, r, b)
         active = x[load[x].max(axis=1) > bound[x]]
@@ -172,18 +220,24 @@ def _balance_pairs(pw, pk, load, has, bound, avoid_conflicts: bool, num_iters: i
         heavy = np.roll(order[:, ::-1][:, :half], -(it % half), axis=1)
         lh, ll = load[rows, heavy], load[rows, light]
         wh, wl = pw[rows, heavy], pw[rows, light]  # [X, half, S]
-        d = wh[:, :, :, None] - wl[:, :, None, :]  # [X, half, S, S]
-        new_max = np.maximum(lh[:, :, None, None] - d, ll[:, :, None, None] + d)
+        target = (wh - 0.5 * (lh - ll)[:, :, None])[:, :, None, :]  # [X * half, 1, 1, S]: evens the pair
+        cand = _partner_items(wl.reshape(-1, 1, num_per_pack), target.reshape(-1, num_per_pack, 1))
+        # Layout [X * half, S (heavy item), 1, C (light item)].
+        d = wh.reshape(-1, num_per_pack, 1, 1) - _candidates(wl.reshape(-1, 1, num_per_pack), cand, num_per_pack)
+        new_max = np.maximum(lh.reshape(-1, 1, 1, 1) - d, ll.reshape(-1, 1, 1, 1) + d)
         valid = d > 0
         if avoid_conflicts:
             kh, kl = pk[rows, heavy], pk[rows, light]
             a_in_light = _at(has, rows[:, :, None], light[:, :, None], kh) > 0  # [X, half, S]
-            b_in_heavy = _at(has, rows[:, :, None], heavy[:, :, None], kl) > 0
-            valid &= ~a_in_light[:, :, :, None] & ~b_in_heavy[:, :, None, :]
+            kc = _candidates(kl.reshape(-1, 1, num_per_pack), cand, num_per_pack)
+            b_in_heavy = _at(has, np.repeat(active, half)[:, None, None, None],
+                             heavy.reshape(-1)[:, None, None, None], kc) > 0
+            valid &= ~a_in_light.reshape(-1, num_per_pack, 1, 1) & ~b_in_heavy
         new_max = np.where(valid, new_max, np.inf).reshape(num_rows, half, -1)
         best = np.argmin(new_max, axis=2)
         i, p = np.nonzero(np.take_along_axis(new_max, best[:, :, None], axis=2)[:, :, 0] < lh * (1 - 1e-12))
-        a, b = np.divmod(best[i, p], num_per_pack)
+        a, c = np.divmod(best[i, p], d.shape[3])
+        b = c if cand is None else cand.reshape(num_rows, half, num_per_pack, -1)[i, p, a, c] % num_per_pack
         x, h, r = active[i], heavy[i, p], light[i, p]
         _swap(pw, pk, load, has, x, h, a, r, b)
         # Rows without an improving pair this round stop.
@@ -220,7 +274,7 @@ def _pack(item_weight: np.ndarray, item_key: np.ndarray, num_packs: int, num_key
     if avoid_conflicts and has.max() > 1:
         _repair_duplicates(pw, pk, load, has)
     # Lower bound of the optimal heaviest pack per row: the mean pack load and the largest item.
-    bound = np.maximum(load.mean(axis=1), item_weight.max(axis=1)) * (1 + 1e-9)
+    bound = np.maximum(load.mean(axis=1), item_weight.max(axis=1)) * (1 + _PACK_TOLERANCE)
     _balance_pairs(pw, pk, load, has, bound, avoid_conflicts, num_iters=_PAIR_ROUNDS)
     _refine(pw, pk, load, has, bound, avoid_conflicts, max_iters=_MAX_REFINE)
     return pk
@@ -252,9 +306,16 @@ def _plan_scope(weight: np.ndarray, num_phy: int, num_ranks: int) -> np.ndarray:
     avoid_conflicts = num_per_rank <= num_items
     logcnt = _replicate(weight, num_phy, num_ranks if avoid_conflicts else None)
     pk, peak = _pack_counts(weight, logcnt, num_ranks, avoid_conflicts)
-    tight = np.nonzero(logcnt.max(axis=1) >= num_ranks - 1)[0] if avoid_conflicts else []
+    # Rows whose cap binds and whose heaviest rank is above what any variant could reach: the mean, the largest
+    # per-copy load of the experts the variants leave alone, and that of the top experts with one more copy each.
+    top = np.argsort(-logcnt, axis=1, kind="stable")[:, :_VARIANT_EXPERTS]  # [X, 3]
+    per_copy = weight / logcnt
+    np.put_along_axis(per_copy, top, np.take_along_axis(weight / (logcnt + 1), top, axis=1), axis=1)
+    reach = np.maximum(weight.sum(axis=1) / num_ranks, per_copy.max(axis=1))
+    tight = (np.nonzero((logcnt.max(axis=1) >= num_ranks - 1) & (peak > reach * (1 + _PACK_TOLERANCE)))[0]
+             if avoid_conflicts else [])
     if len(tight):
-        top = np.argsort(-logcnt[tight], axis=1, kind="stable")[:, :_VARIANT_EXPERTS]  # [T, 3]
+        top = top[tight]
         src, dst = np.nonzero(~np.eye(top.shape[1], dtype=bool))
         rows = np.repeat(tight, src.size)  # [T * V]
         a, b = top[:, src].reshape(-1), top[:, dst].reshape(-1)
@@ -274,6 +335,29 @@ def _plan_scope(weight: np.ndarray, num_phy: int, num_ranks: int) -> np.ndarray:
     return np.sort(pk, axis=2).reshape(num_rows, num_phy)
 
 
+@functools.cache
+def _partitions(num_items: int, num_packs: int) -> np.ndarray | None:
+    """Every split of items 0..n-1 into `num_packs` unordered packs of n / num_packs items, int64 [K, packs, n/packs]
+    (each pack ascending, packs ordered by their first item), or None when there are more than _MAX_PARTITIONS."""
+    size = num_items // num_packs
+    count = math.factorial(num_items) // (math.factorial(size) ** num_packs * math.factorial(num_packs))
+    if count > _MAX_PARTITIONS:
+        return None
+
+    def split(items: tuple) -> list:
+        if not items:
+            return [[]]
+        first, rest = items[0], items[1:]
+        out = []
+        for others in itertools.combinations(rest, size - 1):
+            pack = (first,) + others
+            remaining = tuple(i for i in rest if i not in others)
+            out.extend([list(pack)] + tail for tail in split(remaining))
+        return out
+
+    return np.array(split(tuple(range(num_items))), dtype=np.int64).reshape(count, num_packs, size)
+
+
 def _plan_fresh(weight, num_slots, num_ranks, num_nodes, num_groups, hierarchical: bool) -> np.ndarray:
     num_layers, num_experts = weight.shape
     if not hierarchical:
@@ -281,7 +365,12 @@ def _plan_fresh(weight, num_slots, num_ranks, num_nodes, num_groups, hierarchica
     group_size = num_experts // num_groups
     groups_per_node = num_groups // num_nodes
     group_load = weight.reshape(num_layers, num_groups, group_size).sum(axis=2)
-    if num_nodes > 1:
+    parts = _partitions(num_groups, num_nodes)
+    if num_nodes > 1 and parts is not None:
+        # Few partitions (8 groups on 2 or 4 nodes: 35 or 105): the one with the lightest heaviest node, exactly.
+        node_load = group_load[:, parts].sum(axis=3).max(axis=2)  # [L, K]
+        node_groups = parts[np.argmin(node_load, axis=1)]  # [L, N, G/N]
+    elif num_nodes > 1:
         node_groups = np.sort(_pack(group_load, np.broadcast_to(np.arange(num_groups), group_load.shape),
                                     num_nodes, num_groups, avoid_conflicts=False), axis=2)  # [L, N, G/N]
     else:
@@ -302,26 +391,42 @@ def _match_ranks(new: np.ndarray, old: np.ndarray, num_ranks: int, num_experts: 
     num_layers, num_slots = new.shape
     num_per_rank = num_slots // num_ranks
     ranks_per_node = num_ranks // num_nodes
+    node = np.arange(num_ranks) // ranks_per_node
     out = np.empty_like(new)
+    # Slot pairs (new slot, old slot) holding the same expert in the same layer, all layers at once (no BLAS: a
+    # threaded matmul of the hold matrices costs far more than counting).
+    key_new = (np.arange(num_layers)[:, None] * num_experts + new).reshape(-1)
+    key_old = (np.arange(num_layers)[:, None] * num_experts + old).reshape(-1)
+    order_old = np.argsort(key_old, kind="stable")
+    cnt_old = np.bincount(key_old, minlength=num_layers * num_experts)
+    start_old = np.cumsum(cnt_old) - cnt_old
+    reps = cnt_old[key_new]
+    pair_new = np.repeat(np.arange(key_new.size), reps)
+    pair_old = order_old[np.repeat(start_old[key_new], reps) + np.arange(reps.sum()) - np.repeat(np.cumsum(reps) - reps,
+                                                                                                   reps)]
+    pair_layer = pair_new // num_slots
+    rank_pair = (pair_new % num_slots) // num_per_rank * num_ranks + (pair_old % num_slots) // num_per_rank
+    bounds = np.searchsorted(pair_layer, np.arange(num_layers + 1))
     for layer in range(num_layers):
-        new_r = new[layer].reshape(num_ranks, num_per_rank)
-        old_r = old[layer].reshape(num_ranks, num_per_rank)
-        hold_new = np.zeros((num_ranks, num_experts))
-        hold_old = np.zeros((num_ranks, num_experts))
-        np.add.at(hold_new, (np.repeat(np.arange(num_ranks), num_per_rank), new_r.reshape(-1)), 1)
-        np.add.at(hold_old, (np.repeat(np.arange(num_ranks), num_per_rank), old_r.reshape(-1)), 1)
-        overlap = hold_new @ hold_old.T  # [new rank, old rank]
-        node = np.arange(num_ranks) // ranks_per_node
+        new_r = new[layer].reshape(num_ranks, num_per_rank).tolist()
+        old_r = old[layer].reshape(num_ranks, num_per_rank).tolist()
+        overlap = np.bincount(rank_pair[bounds[layer]:bounds[layer + 1]], minlength=num_ranks * num_ranks).reshape(
+            num_ranks, num_ranks).astype(np.float64)  # [new rank, old rank]
         overlap = np.where(node[:, None] == node[None, :], overlap, -1.0)
-        # Greedy assignment by decreasing overlap; ties resolved in index order.
-        order = np.argsort(-overlap, axis=None, kind="stable")
+        # Greedy assignment by decreasing overlap; ties resolved in index order. Pairs without overlap come last:
+        # each unmatched new rank (ascending) then takes the lowest unused old rank of its node.
+        positive = np.flatnonzero(overlap > 0)
         target = np.full(num_ranks, -1)
         used = np.zeros(num_ranks, dtype=bool)
-        for flat in order:
+        for flat in positive[np.argsort(-overlap.reshape(-1)[positive], kind="stable")]:
             nr, orr = divmod(int(flat), num_ranks)
-            if target[nr] < 0 and not used[orr] and overlap[nr, orr] >= 0:
+            if target[nr] < 0 and not used[orr]:
                 target[nr] = orr
                 used[orr] = True
+        for nr in np.flatnonzero(target < 0):
+            orr = int(np.flatnonzero(~used & (node == node[nr]))[0])
+            target[nr] = orr
+            used[orr] = True
         for nr in range(num_ranks):
             old_slots = list(old_r[target[nr]])
             row = [-1] * num_per_rank
@@ -437,7 +542,7 @@ def _repair(prev: np.ndarray, weight: np.ndarray, num_ranks: int, max_moves: int
         ph, orig, w, cnt, m = phy[x], prev[x], weight[x], logcnt[x], mean[x, None]
         per_copy = w / cnt
         share = np.take_along_axis(per_copy, ph, axis=1)  # [A, P]
-        load = (share.reshape(-1, num_per_rank) @ np.ones(num_per_rank)).reshape(num_active, num_ranks)  # [A, R]
+        load = share.reshape(num_active, num_ranks, num_per_rank).sum(axis=2)  # [A, R]
         exc = _excess(load, m)
         changed = ph != orig
         budget = max_moves - np.count_nonzero(changed, axis=1)  # [A]
@@ -669,7 +774,8 @@ def plan(load, num_slots: int, num_ranks: int, *, num_nodes: int = 1, num_groups
 
     Returns:
         A validated `Placement`; no rank holds two replicas of one expert unless P / R > E (or a previous placement
-        passed to the incremental mode already did).
+        passed to the incremental mode already did). Its `share` (the "weighted" replica policy) makes the rank
+        loads predicted for `load` as even as the replicas allow (`epmoe.eplb.shares.replica_shares`).
     """
     weight = as_load_array(load)
     num_layers, num_experts = weight.shape
@@ -723,6 +829,7 @@ def plan(load, num_slots: int, num_ranks: int, *, num_nodes: int = 1, num_groups
         phy2log = _plan_fresh(weight, num_slots, num_ranks, num_nodes, num_groups, hierarchical)
         if prev_phy is not None:
             phy2log = _match_ranks(phy2log, prev_phy, num_ranks, num_experts, scope_nodes)
+    # The constructor derives the inverse maps from phy2log and rejects an expert without a replica: the plan is
+    # valid by construction (Placement.validate would only recompute the same maps).
     placement = Placement(torch.from_numpy(phy2log), num_experts, num_ranks)
-    placement.validate()
-    return placement
+    return placement.with_share(replica_shares(weight, placement))

@@ -88,7 +88,8 @@ def assert_replicas_bitwise_equal(moe: MoE) -> None:
         assert all(d == digests[0] for d in digests), f"replicas of expert {expert} differ"
 
 
-def train(rank: int, world: int, ep_size: int, use_ddp: bool, num_data: int | None = None) -> dict:
+def train(rank: int, world: int, ep_size: int, use_ddp: bool, num_data: int | None = None,
+          replica_policy: str = "hash") -> dict:
     """Runs STEPS AdamW steps on the batches of `num_data` ranks (default: world); world=1 is the single-process
     reference on the whole batch."""
     num_data = num_data or world
@@ -107,7 +108,7 @@ def train(rank: int, world: int, ep_size: int, use_ddp: bool, num_data: int | No
             new = dist.new_group(ranks) if num_dp > 1 else None
             if rank in ranks:
                 dp_group = new
-    net = Net(config(), group, dp_group)
+    net = Net(config(replica_policy=replica_policy), group, dp_group)
     model = net
     if world > 1:
         if use_ddp:
@@ -161,9 +162,10 @@ def check_equivalence(results: dict, world: int) -> None:
             np.testing.assert_allclose(got["state"][key], value, rtol=1e-5, atol=1e-6, err_msg=key)
 
 
-@pytest.mark.parametrize("use_ddp", [False, True])
-def test_ep2_training_equals_single_process(use_ddp):
-    results = run_ranks(train, 2, 2, use_ddp, timeout=180)
+@pytest.mark.parametrize("use_ddp,replica_policy", [(False, "balanced"), (True, "weighted")])
+def test_ep2_training_equals_single_process(use_ddp, replica_policy):
+    """The replica policy changes which copy a token uses, never the result (the reference hashes)."""
+    results = run_ranks(train, 2, 2, use_ddp, None, replica_policy, timeout=180)
     check_equivalence(results, 2)
     # The EP=2 checkpoint (each rank's state_dict, merged) reloads at EP=1 with equal outputs.
     merged = {k: torch.from_numpy(v) for k, v in results[0]["state"].items() if not k.startswith("dense.")}

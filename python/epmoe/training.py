@@ -129,12 +129,7 @@ def _is_moe(module) -> bool:
 
 def moe_layers(model: nn.Module) -> list:
     """The `epmoe.MoE` layers of `model` (itself included), in module order, each once."""
-    seen, layers = set(), []
-    for module in model.modules():
-        if _is_moe(module) and id(module) not in seen:
-            seen.add(id(module))
-            layers.append(module)
-    return layers
+    return [module for module in model.modules() if _is_moe(module)]
 
 
 def _check_ddp(model: nn.Module) -> None:
@@ -234,7 +229,7 @@ def _agree(values: torch.Tensor, layers) -> tuple:
 
 # ---- gradient state: raw (after a backward), summed (replicas summed by a move), synced
 
-_RAW, _SUMMED, _SYNCED, _NONE = 1, 2, 3, 4
+_RAW, _SUMMED, _SYNCED, _NONE, _MIXED = 1, 2, 3, 4, 5  # _MIXED: a backward after a move of raw gradients
 
 
 def _marks(moe) -> dict:
@@ -265,10 +260,7 @@ def _local_grad_state(moe) -> int:
         return _NONE
     state = None if moe._grad_marks is None else moe._grad_marks[0]
     if state == _SUMMED:  # replicas hold their expert's sum (a move of raw gradients); the rest is still raw
-        if not _unchanged(moe, {"w13", "w2"}):
-            raise RuntimeError("epmoe: a backward ran after a rebalance that moved unsynchronised gradients; call "
-                               "epmoe.sync_grads before rebalancing when more backward passes follow")
-        return _SUMMED
+        return _SUMMED if _unchanged(moe, {"w13", "w2"}) else _MIXED
     if state == _SYNCED and _unchanged(moe, set(params)):
         return _SYNCED
     return _RAW
@@ -295,6 +287,10 @@ def _grad_states(layers, extra: list | None = None) -> list:
         if state_hi != state_lo:
             raise RuntimeError(f"epmoe: ranks disagree on the gradients of layer {moe.layer_idx} (a rank ran a "
                                "backward or a sync_grads that another did not)")
+        if state_hi == _MIXED:
+            raise RuntimeError(f"epmoe: a backward ran after a rebalance that moved unsynchronised gradients of layer "
+                               f"{moe.layer_idx}; call epmoe.sync_grads before rebalancing when more backward passes "
+                               "follow")
         for j, p in enumerate(moe.parameters()):
             if int(high[i, j]) and p.grad is None:
                 p.grad = torch.zeros_like(p)
@@ -352,7 +348,7 @@ def _exchange(moe, grads, plan_out: dict, plan_in: dict, slots_of) -> dict:
     for rank, experts in sorted(plan_out.items()):
         idx = torch.tensor([slots_of[e] for e in experts], device=grads[0].device)
         for tag, g in enumerate(grads):
-            ops.append(dist.P2POp(dist.isend, g.index_select(0, idx), to_global[rank], moe.group, tag))
+            ops.append(dist.P2POp(dist.isend, g[idx], to_global[rank], moe.group, tag))
     for rank, experts in sorted(plan_in.items()):
         bufs = [torch.empty((len(experts),) + tuple(g.shape[1:]), dtype=g.dtype, device=g.device) for g in grads]
         received[rank] = bufs

@@ -3,9 +3,9 @@
 Invariants:
 - After `sync_grads(model)` every parameter of every `epmoe.MoE` in `model` holds the gradient of the mean over
   all ranks (EP group x DP group) of each rank's loss. Replicated parameters are averaged; an expert's gradient is
-  the sum over all its replicas (slots and ranks), reduced to one value by its owner (holder number e mod #holders
-  of expert e, so owners spread over the ranks), averaged over the DP group, scaled, and copied to every replica:
-  replicas get bitwise the same gradient and stay bitwise identical under any optimizer.
+  the sum over all its replicas (slots and ranks), reduced to one value (by both holders of a two-rank expert, or
+  by an owner that sends it back), averaged over the DP group, scaled, and copied to every local replica: replicas
+  get bitwise the same gradient and stay bitwise identical under any optimizer.
 - Weights, their `.grad` and every per-slot optimizer state tensor move together, atomically per layer
   (`eplb.rearrange`, checksummed), and only at safe points: in `sync_grads` (automatic `eplb_interval`),
   `MoE.rebalance`, `MoE.apply_placement` and `rebalance_model` - never between a forward and its backward.
@@ -301,12 +301,16 @@ def _grad_states(layers, extra: list | None = None) -> list:
 # ---- expert gradients
 
 class _ExpertPlan:
-    """Who reduces which expert for one placement (identical on every rank)."""
+    """Who reduces which expert for one placement (identical on every rank).
+
+    An expert on two ranks is a *pair*: both holders send each other their local sum and add the two (IEEE addition
+    commutes, so both get the same bits), one round. An expert on three or more ranks has an *owner* (holder number
+    e mod #holders) that sums the others' contributions and sends the result back, two rounds. With a DP group of
+    more than two ranks every multi-rank expert uses an owner: the DP all-reduce must see the value at one position.
+    """
 
     def __init__(self, moe):
-        phy2log = moe.placement.numpy()[0]
-        num_local = moe.num_local_slots
-        per_rank = phy2log.reshape(moe.num_ranks, num_local)
+        per_rank = moe.placement.numpy()[0].reshape(moe.num_ranks, moe.num_local_slots)
         holders: dict = {}  # expert -> ascending ranks holding it
         for rank in range(moe.num_ranks):
             for expert in dict.fromkeys(per_rank[rank].tolist()):
@@ -318,17 +322,23 @@ class _ExpertPlan:
         self.first = {e: slots[0] for e, slots in self.local.items()}
         self.send: dict = {}  # owner rank -> experts this rank contributes (ascending)
         self.recv: dict = {}  # holder rank -> experts this rank owns and that rank also holds (ascending)
+        self.pair: dict = {}  # other holder -> experts held by exactly this rank and that one (ascending)
+        pairs_allowed = moe.dp_size <= 2
         for expert in sorted(holders):
             ranks = holders[expert]
-            if len(ranks) < 2:
+            if len(ranks) < 2 or me not in ranks:
+                continue
+            if len(ranks) == 2 and pairs_allowed:
+                self.pair.setdefault(ranks[1] if ranks[0] == me else ranks[0], []).append(expert)
                 continue
             owner = ranks[expert % len(ranks)]  # spreads the owners (and the traffic) over the holders
             if owner == me:
                 for rank in ranks:
                     if rank != me:
                         self.recv.setdefault(rank, []).append(expert)
-            elif me in ranks:
+            else:
                 self.send.setdefault(owner, []).append(expert)
+        self.owned = {e for experts in self.recv.values() for e in experts}
         self.needs_fold = any(len(slots) > 1 for slots in self.local.values())
 
 
@@ -341,15 +351,19 @@ def _expert_plan(moe) -> _ExpertPlan:
 
 
 def _exchange(moe, grads, plan_out: dict, plan_in: dict, slots_of) -> dict:
-    """Sends grads[:, first slot of e] for the experts of plan_out[rank] to each rank and receives those of
+    """Sends grads[first slot of e] for the experts of plan_out[rank] to each rank and receives those of
     plan_in[rank]; returns {rank: [buffer per grad tensor]} ([num experts, ...])."""
     ops, received = [], {}
     to_global = [dist.get_global_rank(moe.group, r) for r in range(moe.num_ranks)]
     for rank, experts in sorted(plan_out.items()):
+        if not experts:
+            continue
         idx = torch.tensor([slots_of[e] for e in experts], device=grads[0].device)
         for tag, g in enumerate(grads):
             ops.append(dist.P2POp(dist.isend, g[idx], to_global[rank], moe.group, tag))
     for rank, experts in sorted(plan_in.items()):
+        if not experts:
+            continue
         bufs = [torch.empty((len(experts),) + tuple(g.shape[1:]), dtype=g.dtype, device=g.device) for g in grads]
         received[rank] = bufs
         for tag, buf in enumerate(bufs):
@@ -360,36 +374,49 @@ def _exchange(moe, grads, plan_out: dict, plan_in: dict, slots_of) -> dict:
     return received
 
 
+def _merged(*plans: dict) -> dict:
+    out: dict = {}
+    for plan in plans:
+        for rank, experts in plan.items():
+            out[rank] = out.get(rank, []) + experts
+    return out
+
+
 @torch.no_grad()
 def _reduce_expert_grads(moe, *, fold: bool, finish: bool) -> None:
-    """fold: every replica's gradient is a partial sum; sum them per logical expert into the owner's first slot (fp32:
-    the owner's local replicas in slot order, then the other holders in ascending rank order, rounded once).
-    finish: all-reduce over the DP group and scale by 1 / (EP size * DP size). Then the owner's value is copied to
-    every replica (bitwise)."""
+    """fold: every replica's gradient is a partial sum; sum them per logical expert (fp32: the local replicas in
+    slot order, then the other holders - the pair partner, or in ascending rank order at the owner - rounded once).
+    finish: all-reduce over the DP group and scale by 1 / (EP size * DP size). Owners then send the final value to
+    the other holders and every local replica copies its first slot: replicas are bitwise identical."""
     grads = [p.grad for p in (moe.w13, moe.w2) if p.grad is not None]  # the same on every rank (_grad_states)
     if not grads:
         return
     plan = _expert_plan(moe)
     if fold:
-        owned = {e for experts in plan.recv.values() for e in experts}
-        sums: dict = {}  # (expert, tensor index) -> fp32 sum, for the experts this rank reduces further
+        sums: dict = {}  # (expert, tensor index) -> fp32 sum, for the experts this rank owns
         for expert, slots in plan.local.items():
-            if len(slots) == 1 and expert not in owned:
+            if len(slots) == 1 and expert not in plan.owned:
                 continue
             for t, g in enumerate(grads):
                 acc = g[slots[0]].float()  # fp32 gradients: the first slot itself, summed in place
                 for slot in slots[1:]:
                     acc += g[slot].float()
-                if expert in owned:
+                if expert in plan.owned:
                     sums[expert, t] = acc
                 elif acc.data_ptr() != g[slots[0]].data_ptr():
-                    g[slots[0]].copy_(acc)  # sent to the owner in the gradient dtype
-        if plan.send or plan.recv:
-            received = _exchange(moe, grads, plan.send, plan.recv, plan.first)
+                    g[slots[0]].copy_(acc)  # what is sent (owner, pair partner) is the sum in the gradient dtype
+        if plan.send or plan.recv or plan.pair:
+            received = _exchange(moe, grads, _merged(plan.send, plan.pair), _merged(plan.recv, plan.pair),
+                                 plan.first)
             for rank in sorted(received):  # the owner adds the other holders in ascending rank order
-                for i, expert in enumerate(plan.recv[rank]):
+                owned = plan.recv.get(rank, [])
+                for i, expert in enumerate(owned + plan.pair.get(rank, [])):
                     for t, buf in enumerate(received[rank]):
-                        sums[expert, t] += buf[i].float()
+                        if i < len(owned):
+                            sums[expert, t] += buf[i].float()
+                        else:  # mine + partner's on one side, partner's + mine on the other: the same bits
+                            target = grads[t][plan.first[expert]]
+                            target.copy_(target.float() + buf[i].float())
         for (expert, t), acc in sums.items():
             target = grads[t][plan.first[expert]]
             if acc.data_ptr() != target.data_ptr():

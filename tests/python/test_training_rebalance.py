@@ -221,33 +221,56 @@ def test_sync_grads_twice_is_idempotent_and_counts_steps():
 
 
 def _many_holders(rank, world):
-    """Expert 0 on every rank (and twice on one), others on two ranks or one: each replica's gradient after
-    sync_grads is bitwise the same and equals the single-process gradient of the mean loss."""
-    cfg = config(num_experts=8, num_redundant_experts=8, num_shared_experts=0)
-    torch.manual_seed(3)
-    moe = MoE(cfg)
-    moe.apply_placement(eplb.Placement(torch.tensor([[0, 1, 2, 0, 0, 4, 5, 6, 0, 7, 1, 2, 0, 3, 4, 5]]), 8, world))
-    xs = [skewed(20, r, num_tokens=16) for r in range(world)]
-    moe(xs[rank]).square().mean().backward()
-    epmoe.sync_grads(moe)
-    torch.manual_seed(3)
-    single = MoE(cfg, [dist.new_group([r]) for r in range(world)][rank])
-    (sum(single(x).square().mean() for x in xs) / world).backward()
-    epmoe.sync_grads(single)
-    want = {e: single.w13.grad[s] for s, e in enumerate(single.local_slot_experts().tolist())}
-    got = [None] * world
-    mine = [(e, moe.w13.grad[s].tolist()) for s, e in enumerate(moe.local_slot_experts().tolist())]
-    dist.all_gather_object(got, mine)
-    replicas: dict = {}
-    for part in got:
-        for expert, grad in part:
-            replicas.setdefault(expert, []).append(grad)
-    assert len(replicas[0]) == 5
-    for expert, grads in replicas.items():
-        assert all(g == grads[0] for g in grads), f"replicas of expert {expert} differ"
-        torch.testing.assert_close(torch.tensor(grads[0]), want[expert], rtol=1e-5, atol=1e-7)
+    """Expert 0 on every rank (and twice on one: an owner reduces it), others on two ranks (pairs) or one: each
+    replica's gradient after sync_grads is bitwise the same and equals the single-process gradient of the mean loss
+    (float32 within 1e-5, bfloat16 within its rounding)."""
+    for dtype, tol in ((torch.float32, 1e-5), (torch.bfloat16, 2e-2)):
+        cfg = config(num_experts=8, num_redundant_experts=8, num_shared_experts=0, dtype=dtype)
+        torch.manual_seed(3)
+        moe = MoE(cfg)
+        phy2log = torch.tensor([[0, 1, 2, 0, 0, 4, 5, 6, 0, 7, 1, 2, 0, 3, 4, 5]])
+        moe.apply_placement(eplb.Placement(phy2log, 8, world))
+        xs = [skewed(20, r, num_tokens=16).to(dtype) for r in range(world)]
+        moe(xs[rank]).float().square().mean().backward()
+        epmoe.sync_grads(moe)
+        torch.manual_seed(3)
+        single = MoE(cfg, [dist.new_group([r]) for r in range(world)][rank])
+        (sum(single(x).float().square().mean() for x in xs) / world).backward()
+        epmoe.sync_grads(single)
+        want = {e: single.w13.grad[s].float() for s, e in enumerate(single.local_slot_experts().tolist())}
+        got = [None] * world
+        mine = [(e, moe.w13.grad[s].float().tolist()) for s, e in enumerate(moe.local_slot_experts().tolist())]
+        dist.all_gather_object(got, mine)
+        replicas: dict = {}
+        for part in got:
+            for expert, grad in part:
+                replicas.setdefault(expert, []).append(grad)
+        assert len(replicas[0]) == 5
+        for expert, grads in replicas.items():
+            assert all(g == grads[0] for g in grads), f"{dtype}: replicas of expert {expert} differ"
+            torch.testing.assert_close(torch.tensor(grads[0]), want[expert], rtol=tol, atol=tol * 1e-2)
     return True
 
 
 def test_experts_with_many_holders_on_four_ranks():
     assert all(run_ranks(_many_holders, 4, timeout=120).values())
+
+
+class _FakeLayer:
+    def __init__(self, rank, dp_size):
+        self.placement = eplb.Placement(torch.tensor([[0, 1, 2, 3, 0, 4, 5, 1]]), 6, 2)
+        self.num_ranks, self.num_local_slots, self.rank, self.dp_size = 2, 4, rank, dp_size
+
+
+def test_pairs_only_where_the_dp_all_reduce_commutes():
+    """Two-rank experts are summed by both holders when the DP group has at most two ranks; with more, an owner
+    reduces them (a DP all-reduce of more than two values depends on where the value sits in the buffer)."""
+    from epmoe.training import _ExpertPlan
+
+    for rank in (0, 1):
+        pairs = _ExpertPlan(_FakeLayer(rank, 2))
+        assert pairs.pair == {1 - rank: [0, 1]} and not pairs.send and not pairs.recv
+        owners = _ExpertPlan(_FakeLayer(rank, 3))
+        assert not owners.pair
+        assert owners.recv == ({1: [0]} if rank == 0 else {0: [1]})  # expert e is owned by holder e mod 2
+        assert owners.send == ({1: [1]} if rank == 0 else {0: [0]})

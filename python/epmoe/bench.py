@@ -1,5 +1,6 @@
-"""`epmoe bench`: runs the benchmark scripts of the checkout (routing, experts, dispatch, EPLB, whole layer), writes
-their JSON into one folder, prints a summary table of every script's ratios against its targets, and plots them.
+"""`epmoe bench`: runs the benchmark scripts of the checkout (routing, experts, dispatch, EPLB, whole layer, real-size
+construction), writes their JSON into one folder, prints a summary table of every script's ratios against its
+targets, and plots them.
 
 Each script writes JSON with a "summary" list of rows {"metric", "value", "target", "met"}; the table is those rows.
 Progress: one line (or a bar on a terminal) per script with the ETA of the rest, from the durations of the last run
@@ -23,11 +24,13 @@ from pathlib import Path
 
 from epmoe._progress import Progress, format_seconds
 
-SCRIPTS = ("bench_route", "bench_experts", "bench_dispatch", "bench_eplb", "bench_layer")
-# --quick budget of each script in seconds (sum 110 s < 2 min), also the ETA before a first run.
-QUICK_BUDGET_S = {"bench_route": 15, "bench_experts": 40, "bench_dispatch": 15, "bench_eplb": 10, "bench_layer": 30}
+SCRIPTS = ("bench_route", "bench_experts", "bench_dispatch", "bench_eplb", "bench_layer", "bench_scale")
+# --quick budget of each script in seconds (sum 118 s < 2 min), also the ETA before a first run.
+QUICK_BUDGET_S = {"bench_route": 15, "bench_experts": 40, "bench_dispatch": 15, "bench_eplb": 10, "bench_layer": 30,
+                  "bench_scale": 8}
 # Durations of the full runs on the 2-core build machine (the ETA before a first run).
-FULL_ESTIMATE_S = {"bench_route": 20, "bench_experts": 75, "bench_dispatch": 15, "bench_eplb": 10, "bench_layer": 70}
+FULL_ESTIMATE_S = {"bench_route": 20, "bench_experts": 75, "bench_dispatch": 15, "bench_eplb": 10, "bench_layer": 70,
+                   "bench_scale": 10}
 
 
 def _benchmarks_dir() -> Path:

@@ -142,14 +142,25 @@ def draw_base_seed(group: dist.ProcessGroup | None, generator: torch.Generator |
     return seed
 
 
-class _SharedExperts(nn.Module):
-    """Dense SwiGLU MLP (HF layout: gate_proj, up_proj, down_proj without bias), replicated on every rank."""
+def placement_row(placement: eplb.Placement, row: int) -> eplb.Placement:
+    """Layer `row` of an L-layer placement as a 1-layer placement (slots and replica shares)."""
+    return eplb.Placement(placement.phy2log[row : row + 1], placement.num_experts, placement.num_ranks,
+                          share=placement.share[row : row + 1])
 
-    def __init__(self, hidden_size: int, intermediate_size: int, dtype: torch.dtype):
+
+class _SharedExperts(nn.Module):
+    """Dense SwiGLU MLP (HF layout: gate_proj, up_proj, down_proj without bias), replicated on every rank. The
+    weights are allocated uninitialised (`MoE.reset_parameters` draws them): nn.Linear's own init is skipped."""
+
+    def __init__(self, hidden_size: int, intermediate_size: int, dtype: torch.dtype, device: torch.device):
         super().__init__()
-        self.gate_proj = nn.Linear(hidden_size, intermediate_size, bias=False, dtype=dtype)
-        self.up_proj = nn.Linear(hidden_size, intermediate_size, bias=False, dtype=dtype)
-        self.down_proj = nn.Linear(intermediate_size, hidden_size, bias=False, dtype=dtype)
+        # Built on meta (nn.Linear's init there costs nothing and draws nothing), then allocated on `device`.
+        kwargs = dict(bias=False, dtype=dtype, device="meta")
+        self.gate_proj = nn.Linear(hidden_size, intermediate_size, **kwargs)
+        self.up_proj = nn.Linear(hidden_size, intermediate_size, **kwargs)
+        self.down_proj = nn.Linear(intermediate_size, hidden_size, **kwargs)
+        if device.type != "meta":
+            self.to_empty(device=device)
 
     def forward(self, x: torch.Tensor) -> torch.Tensor:
         return self.down_proj(F.silu(self.gate_proj(x)) * self.up_proj(x))
@@ -169,10 +180,18 @@ class MoE(nn.Module):
     With `process_group=None` and torch.distributed not initialized the layer runs in one process (EP size 1).
     `dp_group` (or `config.dp_group`): an outer data-parallel group over which the EP group is replicated.
 
+    Construction allocates only this rank's slots, directly in `config.dtype` on `device` (None: the current
+    default device, so `with torch.device("meta")` works), and initialises them with `reset_parameters()`; memory
+    and time are proportional to the rank's share, not to E. On the meta device nothing is drawn and nothing is
+    communicated; `to_empty(device=...)` then `reset_parameters()` gives the weights an eager build would.
+    `placement`: start from this EPLB placement (one layer, or an L-layer placement whose row `layer_idx` is used);
+    default: the plan for uniform load.
+
     forward(hidden_states [..., H]) -> [..., H] in hidden_states.dtype.
     """
 
     def __init__(self, config: MoEConfig, process_group: dist.ProcessGroup | None = None, *, layer_idx: int = 0,
+                 device: torch.device | str | None = None, placement: eplb.Placement | None = None,
                  dp_group: dist.ProcessGroup | None = None):
         super().__init__()
         self.distributed = process_group is not None or (dist.is_available() and dist.is_initialized())
@@ -189,31 +208,60 @@ class MoE(nn.Module):
         cfg = self.config
         hidden, inter = cfg.hidden_size, cfg.moe_intermediate_size
         self.num_local_slots = cfg.num_slots // self.num_ranks
+        # None = the current default device (honours `with torch.device(...)`), resolved once for every tensor.
+        device = torch.empty(0, device=device).device
 
-        # Initial placement: a plan for uniform load (replicas spread over ranks, identity when no redundancy).
-        uniform = torch.ones(1, cfg.num_experts, dtype=torch.float64)
-        self.placement = eplb.plan(uniform, cfg.num_slots, self.num_ranks)
+        # Placement: host-side numpy, never on `device` (so meta construction works). Default: the plan for uniform
+        # load (replicas spread over ranks).
+        if placement is None:
+            uniform = torch.ones(1, cfg.num_experts, dtype=torch.float64, device="cpu")
+            placement = eplb.plan(uniform, cfg.num_slots, self.num_ranks)
+        self.placement = self._layer_placement(placement)
 
-        self.gate_weight = nn.Parameter(torch.empty(cfg.num_experts, hidden, dtype=torch.float32))
+        # Only this rank's slots are allocated, directly in cfg.dtype on `device`; nothing is initialised here
+        # except by reset_parameters (skipped on meta: no RNG drawn, no collective).
+        self.gate_weight = nn.Parameter(torch.empty(cfg.num_experts, hidden, dtype=torch.float32, device=device))
         if cfg.use_bias:
-            self.register_buffer("e_score_correction_bias", torch.zeros(cfg.num_experts, dtype=torch.float32))
+            self.register_buffer("e_score_correction_bias",
+                                 torch.zeros(cfg.num_experts, dtype=torch.float32, device=device))
         else:
             self.e_score_correction_bias = None
-        self.w13 = nn.Parameter(torch.empty(self.num_local_slots, 2 * inter, hidden, dtype=cfg.dtype))
-        self.w2 = nn.Parameter(torch.empty(self.num_local_slots, hidden, inter, dtype=cfg.dtype))
-        self.shared_experts = _SharedExperts(hidden, cfg.shared_size, cfg.dtype) if cfg.shared_size > 0 else None
-        self.reset_parameters()
+        self.w13 = nn.Parameter(torch.empty(self.num_local_slots, 2 * inter, hidden, dtype=cfg.dtype, device=device))
+        self.w2 = nn.Parameter(torch.empty(self.num_local_slots, hidden, inter, dtype=cfg.dtype, device=device))
+        self.shared_experts = (_SharedExperts(hidden, cfg.shared_size, cfg.dtype, device)
+                               if cfg.shared_size > 0 else None)
 
         self.ep = None
         if self.distributed:
             from epmoe.ep import EPGroup
 
             self.ep = EPGroup(self.group)
-        self.recorder = eplb.LoadRecorder(num_layers=1, num_slots=cfg.num_slots, window_size=cfg.eplb_window)
-        self._install_placement(self.placement)
+        self.recorder = None
         self.aux_loss: torch.Tensor | None = None  # the enabled balance terms of the last training forward
         self.router_logits_probe: nn.Module | None = None  # identity on the fp32 router logits, for forward hooks
         training.attach(self)
+        if device.type == "meta":
+            self._install_placement(self.placement)
+        else:
+            self.reset_parameters()  # installs the placement on `device`
+
+    def _layer_placement(self, placement: eplb.Placement) -> eplb.Placement:
+        """The 1-layer placement of this layer: `placement` itself, or row `layer_idx` of an L-layer placement.
+        Raises ValueError naming the field that disagrees with the config or the EP group."""
+        if not isinstance(placement, eplb.Placement):
+            raise TypeError(f"placement must be an epmoe.eplb.Placement, got {type(placement).__name__}")
+        cfg = self.config
+        for field, got, expected, meaning in (
+                ("num_experts", placement.num_experts, cfg.num_experts, "the config's num_experts"),
+                ("num_slots", placement.num_slots, cfg.num_slots, "num_experts + num_redundant_experts"),
+                ("num_ranks", placement.num_ranks, self.num_ranks, "the EP size")):
+            if got != expected:
+                raise ValueError(f"placement.{field} is {got}, expected {expected} ({meaning})")
+        if placement.num_layers == 1:
+            return placement
+        if not 0 <= self.layer_idx < placement.num_layers:
+            raise ValueError(f"placement has {placement.num_layers} layers, no row for layer_idx={self.layer_idx}")
+        return placement_row(placement, self.layer_idx)
 
     def _install_placement(self, placement: eplb.Placement) -> None:
         """Makes `placement` current: routing maps on the layer's device, load recorder restarted (slot ids changed
@@ -222,9 +270,24 @@ class MoE(nn.Module):
         self.placement = placement
         self._log2phy = placement.log2phy[0].to(device)
         self._logcnt = placement.logcnt[0].to(device)
-        if self.recorder.device != device:
+        if self.recorder is None or self.recorder.device != device:
             self.recorder = eplb.LoadRecorder(1, self.config.num_slots, self.config.eplb_window, device=device)
         self.recorder.reset()
+
+    def _apply(self, fn, recurse=True):
+        # .to(), .cuda(), to_empty() and the like: the routing maps and the load recorder follow the parameters
+        # (rebuilt from the host-side placement, so they are right even after to_empty). `.to(dtype)` / `.half()`
+        # convert the weights and config.dtype follows them; the correction bias stays float32 (a selection
+        # statistic that the bias update changes in small steps).
+        bias = self.e_score_correction_bias
+        out = super()._apply(fn, recurse)
+        moved = self.e_score_correction_bias
+        if bias is not None and moved is not None and moved.dtype != torch.float32:
+            self._buffers["e_score_correction_bias"] = bias.to(moved.device, torch.float32)
+        self.config.dtype = self.w13.dtype
+        if self._log2phy.device != self.gate_weight.device:
+            self._install_placement(self.placement)
+        return out
 
     def extra_repr(self) -> str:
         cfg = self.config
@@ -246,7 +309,13 @@ class MoE(nn.Module):
         parameters (gate, shared experts) from `derive_seed(base, 0, 0)`. So with the same seed on rank 0, every
         EP size and placement holds exactly the weights of the single-process layer, whatever the other ranks'
         RNG states, and no rank draws an expert it does not hold. Values are drawn in fp32 on the CPU, then cast.
+
+        On the meta device there is nothing to draw: it returns at once (no RNG, no collective). After
+        `to_empty(device=...)` it draws exactly the weights an eager build would, and reinstalls the routing maps and
+        the load recorder on the new device.
         """
+        if self.gate_weight.is_meta:
+            return
         cfg = self.config
         hidden, inter = cfg.hidden_size, cfg.moe_intermediate_size
         base = draw_base_seed(self.group if self.distributed else None, generator)
@@ -254,11 +323,13 @@ class MoE(nn.Module):
             base = training.broadcast_seed(base, self.dp_group)
         with torch.no_grad():
             gen = torch.Generator().manual_seed(derive_seed(base, 0, 0))
-            self.gate_weight.copy_(torch.randn(cfg.num_experts, hidden, generator=gen) / hidden**0.5)
+            self.gate_weight.copy_(torch.randn(cfg.num_experts, hidden, generator=gen).mul_(hidden**-0.5))
+            if self.e_score_correction_bias is not None:
+                self.e_score_correction_bias.zero_()
             if self.shared_experts is not None:
                 for lin in (self.shared_experts.gate_proj, self.shared_experts.up_proj, self.shared_experts.down_proj):
                     fan_in = lin.weight.shape[1]
-                    lin.weight.copy_(torch.randn(lin.weight.shape, generator=gen) / fan_in**0.5)
+                    lin.weight.copy_(torch.randn(lin.weight.shape, generator=gen).mul_(fan_in**-0.5))
             drawn: dict[int, int] = {}  # logical expert -> first local slot holding it (replicas copy it)
             for slot, expert in enumerate(self.local_slot_experts().tolist()):
                 if expert in drawn:
@@ -266,9 +337,11 @@ class MoE(nn.Module):
                     self.w2[slot].copy_(self.w2[drawn[expert]])
                     continue
                 drawn[expert] = slot
+                # One expert at a time in fp32 on the CPU: the temporary is one expert, whatever E is.
                 gen = torch.Generator().manual_seed(derive_seed(base, 1, expert))
-                self.w13[slot].copy_(torch.randn(2 * inter, hidden, generator=gen) / hidden**0.5)
-                self.w2[slot].copy_(torch.randn(hidden, inter, generator=gen) / inter**0.5)
+                self.w13[slot].copy_(torch.randn(2 * inter, hidden, generator=gen).mul_(hidden**-0.5))
+                self.w2[slot].copy_(torch.randn(hidden, inter, generator=gen).mul_(inter**-0.5))
+        self._install_placement(self.placement)
 
     def local_slot_experts(self) -> torch.Tensor:
         """int64 [num_local_slots]: the logical expert held by each of this rank's slots."""
@@ -292,17 +365,6 @@ class MoE(nn.Module):
         if it was made a Parameter)."""
         return [p for name, p in self.named_parameters() if name not in ("w13", "w2")]
 
-    def _apply(self, fn, recurse=True):
-        # `.to(dtype)` / `.half()` convert the weights; the correction bias stays float32 (a selection statistic that
-        # the bias update changes in small steps) and config.dtype follows the expert weights.
-        bias = self.e_score_correction_bias
-        super()._apply(fn, recurse)
-        moved = self.e_score_correction_bias
-        if bias is not None and moved is not None and moved.dtype != torch.float32:
-            self._buffers["e_score_correction_bias"] = bias.to(moved.device, torch.float32)
-        self.config.dtype = self.w13.dtype
-        return self
-
     # ---- training (epmoe.training): gradient contract, safe-point rebalancing, bias update
 
     def sync_grads(self, *, optimizer: torch.optim.Optimizer | None = None) -> None:
@@ -314,17 +376,23 @@ class MoE(nn.Module):
         (collective; `sync_grads` calls it when `bias_update_rate > 0`)."""
         balance.update_bias(self)
 
-    # ---- state dict: experts are saved under their logical id, so a checkpoint loads at any EP size
+    # ---- state dict: experts are keyed by logical id, so a checkpoint loads at any EP size and placement
+    #
+    # Keys: the replicated tensors under their own names, and `experts.{e}.gate_up_proj` [2I, H] /
+    # `experts.{e}.down_proj` [H, I] for every logical expert e this rank holds (once, from its first local slot;
+    # the values are views of the slot). Replicas are bitwise identical, so the same key on several ranks holds
+    # the same tensor: torch.distributed.checkpoint writes it once, and loads it into every rank that asks for it.
+    # Loading fills every local slot of e from `experts.{e}.*`; experts of other ranks in the dict are ignored.
 
     def _save_to_state_dict(self, destination, prefix, keep_vars):
         super()._save_to_state_dict(destination, prefix, keep_vars)
         destination.pop(prefix + "w13", None)
         destination.pop(prefix + "w2", None)
-        log2phy = self.placement.log2phy[0]
-        start = self.rank * self.num_local_slots
+        seen = set()
         for slot, expert in enumerate(self.local_slot_experts().tolist()):
-            if int(log2phy[expert, 0]) != start + slot:
-                continue  # a replica: the expert's first slot saves it
+            if expert in seen:
+                continue  # a second local replica: same values
+            seen.add(expert)
             w13, w2 = self.w13[slot], self.w2[slot]
             destination[f"{prefix}experts.{expert}.gate_up_proj"] = w13 if keep_vars else w13.detach()
             destination[f"{prefix}experts.{expert}.down_proj"] = w2 if keep_vars else w2.detach()

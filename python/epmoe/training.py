@@ -122,9 +122,15 @@ def exclude_from_ddp(model: nn.Module) -> nn.Module:
 
 
 def _is_moe(module) -> bool:
-    from epmoe.layer import MoE
+    from epmoe.layer import MoE  # layer imports this module
 
     return isinstance(module, MoE)
+
+
+def _placement_row(placement: eplb.Placement, row: int) -> eplb.Placement:
+    from epmoe.layer import placement_row
+
+    return placement_row(placement, row)
 
 
 def moe_layers(model: nn.Module) -> list:
@@ -559,22 +565,6 @@ def _moving_tensors(moe, optimizers, extra_tensors) -> tuple:
     return tensors, zlib.crc32(desc.encode())
 
 
-def _layer_row(placement: eplb.Placement, moe) -> eplb.Placement:
-    if not isinstance(placement, eplb.Placement):
-        raise TypeError(f"placement must be an epmoe.eplb.Placement, got {type(placement).__name__}")
-    cfg = moe.config
-    for field, got, want in (("num_experts", placement.num_experts, cfg.num_experts),
-                             ("num_slots", placement.num_slots, cfg.num_slots),
-                             ("num_ranks", placement.num_ranks, moe.num_ranks)):
-        if got != want:
-            raise ValueError(f"placement.{field} is {got}, but MoE layer {moe.layer_idx} has {field}={want}")
-    if placement.num_layers == 1:
-        return placement
-    if not 0 <= moe.layer_idx < placement.num_layers:
-        raise ValueError(f"placement has {placement.num_layers} layers; MoE layer_idx {moe.layer_idx} is not one")
-    return _row(placement, moe.layer_idx)
-
-
 def _start_move(layers, kind: str, optimizer, extra_tensors) -> list:
     """The header of a move: finds the tensors to move with each layer and checks that every rank agrees."""
     moving = [_moving_tensors(moe, _optimizers(moe, optimizer), extra_tensors) for moe in layers]
@@ -619,12 +609,6 @@ def _move(layers, new_rows, moving) -> list:
     return sent
 
 
-def _row(placement: eplb.Placement, layer: int) -> eplb.Placement:
-    """Layer `layer` of a placement as a one-layer placement (slots and replica shares)."""
-    return eplb.Placement(placement.numpy()[0][layer:layer + 1], placement.num_experts, placement.num_ranks,
-                          share=placement.share[layer:layer + 1])
-
-
 def _stack(rows) -> eplb.Placement:
     first = rows[0]
     return eplb.Placement(np.concatenate([r.numpy()[0] for r in rows]), first.num_experts, first.num_ranks,
@@ -633,7 +617,7 @@ def _stack(rows) -> eplb.Placement:
 
 def apply_placement(moe, placement, *, optimizer=None, extra_tensors=None) -> dict:
     """`MoE.apply_placement`: moves the layer's experts to `placement` (collective)."""
-    row = _layer_row(placement, moe)
+    row = moe._layer_placement(placement)  # checks the type, experts, slots and EP size; row layer_idx
     row.validate()
     moving = _start_move([moe], "apply_placement", optimizer, extra_tensors)
     previous = moe.placement
@@ -662,7 +646,7 @@ def rebalance_layers(layers, *, optimizer=None, max_moves=None, extra_tensors=No
     previous = _stack([moe.placement for moe in layers])
     new = eplb.plan(load, cfg.num_slots, first.num_ranks, previous=previous, max_moves=max_moves)
     before, after = eplb.balancedness(load, previous), eplb.balancedness(load, new)
-    rows = [_row(new, i) for i in range(len(layers))]
+    rows = [_placement_row(new, i) for i in range(len(layers))]
     changed = [row.moves_from(moe.placement).changed_slots for moe, row in zip(layers, rows, strict=True)]
     sent = _move(layers, rows, moving)
     stats = []

@@ -289,8 +289,9 @@ class Placement:
         return MoveStats(int(changed.sum()), int(remote.sum()), int(local.sum()), remote.sum(axis=1))
 
     def to_json_dict(self) -> dict:
-        """JSON-serialisable dict with a `physical_to_logical_map` field ([L][P] ints), and `replica_share`
-        ([L][P] floats) unless the shares are the even split."""
+        """JSON-serialisable dict: `physical_to_logical_map` ([L][P] ints, SGLang's field name and meaning),
+        `num_logical_experts` (E), `num_ranks` (R), and `replica_share` ([L][P] floats) unless the shares are the even
+        split."""
         data = {
             "physical_to_logical_map": self._phy2log.tolist(),
             "num_logical_experts": self.num_experts,
@@ -305,17 +306,39 @@ class Placement:
         Path(path).write_text(json.dumps(self.to_json_dict()))
 
     @classmethod
-    def from_json_dict(cls, data: dict) -> Placement:
-        for key in ("physical_to_logical_map", "num_logical_experts", "num_ranks"):
-            if key not in data:
-                raise ValueError(f"placement JSON lacks the field {key!r}")
-        return cls(np.asarray(data["physical_to_logical_map"], dtype=np.int64), int(data["num_logical_experts"]),
-                   int(data["num_ranks"]), share=data.get("replica_share"))
+    def from_json_dict(cls, data: dict, *, num_experts: int | None = None, num_ranks: int | None = None) -> Placement:
+        """A placement from `to_json_dict`'s output (`replica_share` optional), or from SGLang's
+        `--init-expert-location` JSON (a dict with only `physical_to_logical_map`). `num_experts` / `num_ranks` supply
+        the fields the dict lacks; where the dict has them they must agree. Raises ValueError naming the field."""
+        if not isinstance(data, dict):
+            raise ValueError(f"placement JSON must be an object, got {type(data).__name__}")
+        if "physical_to_logical_map" not in data:
+            raise ValueError(f"placement JSON lacks the field 'physical_to_logical_map' (has {sorted(data)})")
+        try:
+            phy2log = np.asarray(data["physical_to_logical_map"], dtype=np.int64)
+        except (TypeError, ValueError) as exc:
+            raise ValueError("placement JSON field 'physical_to_logical_map' must be a [num_layers][num_slots] "
+                             "list of ints") from exc
+        if phy2log.ndim == 1:
+            phy2log = phy2log[None, :]
+        fields = {}
+        for key, given in (("num_logical_experts", num_experts), ("num_ranks", num_ranks)):
+            stored = data.get(key)
+            if stored is None and given is None:
+                raise ValueError(f"placement JSON lacks the field {key!r}; pass it as an argument")
+            if stored is not None and given is not None and int(stored) != int(given):
+                raise ValueError(f"placement JSON field {key!r} is {stored}, expected {given}")
+            fields[key] = int(stored if stored is not None else given)
+        return cls(phy2log, fields["num_logical_experts"], fields["num_ranks"], share=data.get("replica_share"))
 
     @classmethod
-    def load(cls, path) -> Placement:
-        """Reads a placement written by `save`."""
-        return cls.from_json_dict(json.loads(Path(path).read_text()))
+    def load(cls, path, *, num_experts: int | None = None, num_ranks: int | None = None) -> Placement:
+        """Reads a placement JSON file (`save`, `epmoe plan -o`, or SGLang's; see `from_json_dict`)."""
+        try:
+            data = json.loads(Path(path).read_text())
+        except json.JSONDecodeError as exc:
+            raise ValueError(f"placement file {path} is not valid JSON: {exc}") from exc
+        return cls.from_json_dict(data, num_experts=num_experts, num_ranks=num_ranks)
 
     def __eq__(self, other) -> bool:
         return (isinstance(other, Placement) and self.num_ranks == other.num_ranks

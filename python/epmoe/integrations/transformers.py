@@ -25,6 +25,7 @@ from torch import nn
 
 from epmoe import eplb, training
 from epmoe.experts import experts_forward
+from epmoe.integrations.hf_checkpoint import remember_hf_block
 from epmoe.layer import MoE, MoEConfig
 
 __all__ = [
@@ -33,11 +34,25 @@ __all__ = [
     "SUPPORTED_BLOCKS",
     "check_supported_experts",
     "epmoe_experts_forward",
+    "from_pretrained",  # noqa: F822 - lazy (__getattr__ below)
     "moe_config_from_hf",
     "moe_from_hf",
     "register",
+    "save_pretrained",  # noqa: F822 - lazy (__getattr__ below)
     "shard_model",
 ]
+
+# Checkpoint loading and saving live in hf_load / hf_save, which import this module; they are re-exported here
+# lazily (PEP 562) so that importing either module first never meets a half-initialised one.
+_LAZY = {"from_pretrained": "epmoe.integrations.hf_load", "save_pretrained": "epmoe.integrations.hf_save"}
+
+
+def __getattr__(name: str):
+    if name in _LAZY:
+        import importlib
+
+        return getattr(importlib.import_module(_LAZY[name]), name)
+    raise AttributeError(f"module {__name__!r} has no attribute {name!r}")
 
 IMPLEMENTATION_NAME = "epmoe"
 
@@ -157,8 +172,9 @@ def moe_from_hf(block: nn.Module, process_group: dist.ProcessGroup | None = None
                                                         _ep_size(process_group))
     config = moe_config_from_hf(block, num_redundant_experts=num_redundant_experts, **overrides)
     device = block.experts.gate_up_proj.device
-    with torch.device(device):
-        moe = MoE(config, process_group, layer_idx=layer_idx)
+    # Built on meta, then allocated without drawing initial weights: every tensor is copied from `block`.
+    moe = MoE(config, process_group, layer_idx=layer_idx, device="meta").to_empty(device=device)
+    remember_hf_block(moe, block)
     with torch.no_grad():
         moe.gate_weight.copy_(block.gate.weight.float())
         if config.use_bias:
@@ -167,7 +183,7 @@ def moe_from_hf(block: nn.Module, process_group: dist.ProcessGroup | None = None
         if moe.shared_experts is not None:
             for proj in ("gate_proj", "up_proj", "down_proj"):
                 getattr(moe.shared_experts, proj).weight.copy_(getattr(block.shared_experts, proj).weight)
-    _install_router_logits_probe(moe)
+    install_router_logits_probe(moe)
     return moe.train(block.training)
 
 
@@ -179,7 +195,8 @@ class RouterLogitsProbe(nn.Module):
         return logits
 
 
-def _install_router_logits_probe(moe: MoE) -> None:
+def install_router_logits_probe(moe: MoE) -> None:
+    """Gives `moe` a `RouterLogitsProbe` hooked into transformers' output capturing (`output_router_logits`)."""
     moe.router_logits_probe = RouterLogitsProbe()
     try:
         from transformers.utils.output_capturing import install_output_capuring_hook

@@ -60,7 +60,7 @@ def _compare_with_and_without_rebalance(rank, world, order):
     moved = MoE(config())
     torch.manual_seed(1234 if rank == 0 else 70 + rank)
     kept = MoE(config())
-    opts = [torch.optim.AdamW(m.parameters(), lr=1e-2) for m in (moved, kept)]
+    opts = [torch.optim.AdamW(m.parameters(), lr=1e-2, eps=1e-6) for m in (moved, kept)]  # eps: see test_training
     for step in range(4):
         x = skewed(step, rank)
         for moe, opt in zip((moved, kept), opts, strict=True):

@@ -11,14 +11,12 @@ import torch.distributed as dist
 import torch.nn.functional as F
 from torch import nn
 
-from epmoe import _validate, eplb
-from epmoe._logging import get_logger
+from epmoe import _validate, balance, eplb, training
 from epmoe.experts import experts_forward, grouped_swiglu_experts
 from epmoe.ops import route
 
 __all__ = ["MoEConfig", "MoE"]
 
-log = get_logger(__name__)
 
 _SCORINGS = ("softmax", "sigmoid")
 _MODES = ("exact", "capacity")
@@ -33,10 +31,16 @@ class MoEConfig:
     `shared_intermediate_size` (default `moe_intermediate_size * num_shared_experts`) replicated on every rank.
     `num_redundant_experts` extra physical slots hold EPLB replicas of hot experts; `(num_experts +
     num_redundant_experts)` must be divisible by the EP size. Load is recorded over the last `eplb_window` forward
-    calls; `eplb_interval > 0` rebalances automatically every that many training forwards. `replica_policy` picks the
-    copy of a replicated expert each (token, slot) goes to (`epmoe.eplb.map_to_physical`): "hash" (even split),
-    "weighted" (the plan's replica shares) or "balanced" (the less-loaded copy for each batch; with EP the counts are
-    exchanged over the layer's group); outputs do not depend on it.
+    calls; `eplb_interval > 0` rebalances automatically in every `eplb_interval`-th `sync_grads()` call (after the
+    backward, never inside forward). `replica_policy` picks the copy of a replicated expert each (token, slot) goes
+    to (`epmoe.eplb.map_to_physical`): "hash" (even split), "weighted" (the plan's replica shares) or "balanced" (the
+    less-loaded copy for each batch; with EP the counts are exchanged over the layer's group); outputs do not depend
+    on it.
+
+    Training (docs/training.md): `dp_group` is an optional outer data-parallel group (the EP group is replicated
+    across it); `bias_update_rate > 0` applies DeepSeek-V3's aux-loss-free bias update in `sync_grads()` (needs
+    `use_bias`); `aux_loss` ("seq" | "global" | None) with `aux_loss_coeff` and `z_loss_coeff` set `MoE.aux_loss`
+    after each training forward (`epmoe.balance`).
     """
 
     hidden_size: int
@@ -59,6 +63,14 @@ class MoEConfig:
     eplb_window: int = 16
     eplb_interval: int = 0
     replica_policy: str = "hash"
+    dp_group: dist.ProcessGroup | None = None
+    bias_update_rate: float = 0.0
+    aux_loss: str | None = None
+    aux_loss_coeff: float = 0.0
+    z_loss_coeff: float = 0.0
+
+    def __post_init__(self):
+        balance.validate_config(self)  # training fields fail at construction; the rest in validate()
 
     def validate(self, num_ranks: int) -> None:
         """Raises ValueError naming the offending field."""
@@ -87,6 +99,7 @@ class MoEConfig:
             raise ValueError(f"MoEConfig.num_shared_experts must be >= 0, got {self.num_shared_experts}")
         if self.dtype not in (torch.float32, torch.bfloat16, torch.float16):
             raise ValueError(f"MoEConfig.dtype must be float32, bfloat16 or float16, got {self.dtype}")
+        balance.validate_config(self)
         num_slots = self.num_experts + self.num_redundant_experts
         if num_slots % num_ranks != 0:
             auto = eplb.num_redundant_auto(self.num_experts, num_ranks)
@@ -159,10 +172,13 @@ class MoE(nn.Module):
     Each rank holds only the weights of its physical expert slots: `w13 [num_local_slots, 2I, H]` (gate rows then
     up rows) and `w2 [num_local_slots, H, I]`. Rank r owns slots `[r*P/R, (r+1)*P/R)` of the current EPLB placement
     (`self.placement`, P = num_experts + num_redundant_experts). The gate weight, the correction bias and the shared
-    experts are replicated; in data-parallel training their gradients are summed over the EP group by
-    `allreduce_replicated_grads()` (or by the caller's DDP).
+    experts are replicated. Training: call `epmoe.sync_grads(model)` (or `sync_grads()`) after the backward; it
+    averages the replicated gradients over the EP (and `dp_group`) ranks and gives every replica of an expert the
+    sum of its replicas' gradients (docs/training.md). The layer's parameters are excluded from
+    DistributedDataParallel, which must not touch them.
 
     With `process_group=None` and torch.distributed not initialized the layer runs in one process (EP size 1).
+    `dp_group` (or `config.dp_group`): an outer data-parallel group over which the EP group is replicated.
 
     Construction allocates only this rank's slots, directly in `config.dtype` on `device` (None: the current
     default device, so `with torch.device("meta")` works), and initialises them with `reset_parameters()`; memory
@@ -175,7 +191,8 @@ class MoE(nn.Module):
     """
 
     def __init__(self, config: MoEConfig, process_group: dist.ProcessGroup | None = None, *, layer_idx: int = 0,
-                 device: torch.device | str | None = None, placement: eplb.Placement | None = None):
+                 device: torch.device | str | None = None, placement: eplb.Placement | None = None,
+                 dp_group: dist.ProcessGroup | None = None):
         super().__init__()
         self.distributed = process_group is not None or (dist.is_available() and dist.is_initialized())
         if self.distributed:
@@ -186,6 +203,7 @@ class MoE(nn.Module):
             self.group, self.rank, self.num_ranks = None, 0, 1
         config.validate(self.num_ranks)
         self.config = dataclasses.replace(config)
+        self.dp_group, self.dp_size = training.resolve_dp_group(self, dp_group)
         self.layer_idx = layer_idx
         cfg = self.config
         hidden, inter = cfg.hidden_size, cfg.moe_intermediate_size
@@ -219,7 +237,9 @@ class MoE(nn.Module):
 
             self.ep = EPGroup(self.group)
         self.recorder = None
-        self._num_training_forwards = 0
+        self.aux_loss: torch.Tensor | None = None  # the enabled balance terms of the last training forward
+        self.router_logits_probe: nn.Module | None = None  # identity on the fp32 router logits, for forward hooks
+        training.attach(self)
         if device.type == "meta":
             self._install_placement(self.placement)
         else:
@@ -256,8 +276,15 @@ class MoE(nn.Module):
 
     def _apply(self, fn, recurse=True):
         # .to(), .cuda(), to_empty() and the like: the routing maps and the load recorder follow the parameters
-        # (rebuilt from the host-side placement, so they are right even after to_empty).
+        # (rebuilt from the host-side placement, so they are right even after to_empty). `.to(dtype)` / `.half()`
+        # convert the weights and config.dtype follows them; the correction bias stays float32 (a selection
+        # statistic that the bias update changes in small steps).
+        bias = self.e_score_correction_bias
         out = super()._apply(fn, recurse)
+        moved = self.e_score_correction_bias
+        if bias is not None and moved is not None and moved.dtype != torch.float32:
+            self._buffers["e_score_correction_bias"] = bias.to(moved.device, torch.float32)
+        self.config.dtype = self.w13.dtype
         if self._log2phy.device != self.gate_weight.device:
             self._install_placement(self.placement)
         return out
@@ -274,9 +301,10 @@ class MoE(nn.Module):
     # ---- parameters
 
     def reset_parameters(self, generator: torch.Generator | None = None) -> None:
-        """Initialises all weights, EP-size invariant and seed safe (collective over the EP group).
+        """Initialises all weights, EP-size invariant and seed safe (collective over the EP and DP groups).
 
-        One base seed is drawn from `generator` (default: torch's global CPU generator) on EP rank 0 and broadcast;
+        One base seed is drawn from `generator` (default: torch's global CPU generator) on EP rank 0 and broadcast
+        (then from DP rank 0 over the DP group);
         logical expert e is drawn from its own generator seeded with `derive_seed(base, 1, e)` and the replicated
         parameters (gate, shared experts) from `derive_seed(base, 0, 0)`. So with the same seed on rank 0, every
         EP size and placement holds exactly the weights of the single-process layer, whatever the other ranks'
@@ -291,6 +319,8 @@ class MoE(nn.Module):
         cfg = self.config
         hidden, inter = cfg.hidden_size, cfg.moe_intermediate_size
         base = draw_base_seed(self.group if self.distributed else None, generator)
+        if self.dp_group is not None:  # every replica of the EP group starts from DP rank 0's seed
+            base = training.broadcast_seed(base, self.dp_group)
         with torch.no_grad():
             gen = torch.Generator().manual_seed(derive_seed(base, 0, 0))
             self.gate_weight.copy_(torch.randn(cfg.num_experts, hidden, generator=gen).mul_(hidden**-0.5))
@@ -331,19 +361,20 @@ class MoE(nn.Module):
         self.w2.copy_(w2.index_select(0, experts.to(w2.device)))
 
     def replicated_parameters(self) -> list[nn.Parameter]:
-        """Parameters held in full by every rank (gate, shared experts)."""
-        params = [self.gate_weight]
-        if self.shared_experts is not None:
-            params += list(self.shared_experts.parameters())
-        return params
+        """Parameters held in full by every rank: all but `w13`/`w2` (gate, shared experts, and the correction bias
+        if it was made a Parameter)."""
+        return [p for name, p in self.named_parameters() if name not in ("w13", "w2")]
 
-    def allreduce_replicated_grads(self) -> None:
-        """Sums the gradients of the replicated parameters over the EP group (each rank saw different tokens)."""
-        if not self.distributed:
-            return
-        for p in self.replicated_parameters():
-            if p.grad is not None:
-                dist.all_reduce(p.grad, group=self.group)
+    # ---- training (epmoe.training): gradient contract, safe-point rebalancing, bias update
+
+    def sync_grads(self, *, optimizer: torch.optim.Optimizer | None = None) -> None:
+        """`epmoe.sync_grads` for this layer alone (collective over its EP and DP groups); see docs/training.md."""
+        training.sync_grads(self, optimizer=optimizer)
+
+    def update_bias(self) -> None:
+        """DeepSeek-V3 aux-loss-free update of the correction bias from the tokens routed since the last update
+        (collective; `sync_grads` calls it when `bias_update_rate > 0`)."""
+        balance.update_bias(self)
 
     # ---- state dict: experts are keyed by logical id, so a checkpoint loads at any EP size and placement
     #
@@ -391,18 +422,25 @@ class MoE(nn.Module):
 
     # ---- forward
 
-    def route(self, x: torch.Tensor) -> tuple[torch.Tensor, torch.Tensor]:
-        """Router GEMM in fp32 then fused routing. x [T, H] -> (topk_weights fp32 [T,k], topk_idx int32 [T,k])
-        with logical expert ids."""
+    def router_logits(self, x: torch.Tensor) -> torch.Tensor:
+        """x [T, H] -> router logits float32 [T, E]: the gate GEMM in fp32 whatever the weights' dtype (the
+        `router_logits_probe` module, if set, sees them: transformers' `output_router_logits` records them there)."""
+        logits = F.linear(x.float(), self.gate_weight.float())
+        return logits if self.router_logits_probe is None else self.router_logits_probe(logits)
+
+    def route(self, x: torch.Tensor, logits: torch.Tensor | None = None) -> tuple[torch.Tensor, torch.Tensor]:
+        """Router GEMM in fp32 (or the given `logits` [T, E]) then fused routing. x [T, H] -> (topk_weights fp32
+        [T,k], topk_idx int32 [T,k]) with logical expert ids."""
         cfg = self.config
-        logits = F.linear(x.float(), self.gate_weight)
+        logits = self.router_logits(x) if logits is None else logits
+        bias = self.e_score_correction_bias
         return route(
             logits,
             cfg.top_k,
             scoring=cfg.scoring,
             num_groups=cfg.num_groups,
             topk_groups=cfg.topk_groups,
-            bias=self.e_score_correction_bias,
+            bias=None if bias is None else bias.float(),
             renormalize=cfg.renormalize,
             scaling_factor=cfg.scaling_factor,
         )
@@ -421,7 +459,10 @@ class MoE(nn.Module):
                                like="the layer's parameters")
         shape = hidden_states.shape
         x = hidden_states.reshape(-1, cfg.hidden_size)
-        topk_weights, topk_idx = self.route(x)
+        logits = self.router_logits(x)
+        topk_weights, topk_idx = self.route(x, logits)
+        # Balance losses and the bias-update counts see training forwards only (epmoe.balance).
+        self.aux_loss = balance.after_routing(self, logits, topk_idx, shape[:-1]) if self.training else None
         if self._log2phy.device != x.device:  # the module was moved after the placement was installed
             self._install_placement(self.placement)
         # Replica choice by cfg.replica_policy; for the hashes the rank salts the token index so ranks spread
@@ -431,7 +472,7 @@ class MoE(nn.Module):
         if cfg.record_load:
             self.recorder.record(0, slot_idx)
             self.recorder.step()
-        x_in = x.to(cfg.dtype)
+        x_in = x.to(self.w13.dtype)  # the compute dtype follows the module (.to(dtype)), not a stale config
 
         if not self.distributed:
             routed = experts_forward(x_in, slot_idx, topk_weights, self.w13, self.w2)
@@ -448,10 +489,6 @@ class MoE(nn.Module):
             routed = self.ep.combine(expert_out, dispatched.handle)
         # In place: `routed` is a fresh tensor no autograd node saved, and a new [T, H] buffer costs page faults.
         out = routed if shared is None else routed.add_(shared)
-        if self.training:
-            self._num_training_forwards += 1
-            if cfg.eplb_interval > 0 and self._num_training_forwards % cfg.eplb_interval == 0:
-                self.rebalance()
         return out.to(hidden_states.dtype).reshape(shape)
 
     @classmethod
@@ -462,47 +499,37 @@ class MoE(nn.Module):
 
         return moe_from_hf(block, process_group, **kwargs)
 
-    # ---- EPLB
+    # ---- EPLB (epmoe.training moves weights, gradients and optimizer state at safe points)
 
     @torch.no_grad()
-    def rebalance(self, *, max_moves: int | None = None, extra_tensors: list[torch.Tensor] | None = None) -> dict:
-        """Plans a new placement from the recorded load window (summed over the EP group) and moves the expert
-        weights there. Outputs are unchanged: only where experts live changes. Collective over the EP group.
+    def rebalance(self, *, optimizer: torch.optim.Optimizer | None = None, max_moves: int | None = None,
+                  extra_tensors: list[torch.Tensor] | None = None) -> dict:
+        """Plans a new placement from the recorded load window (summed over the EP and DP groups) and moves the
+        expert weights there, with their `.grad` and the optimizer's per-slot state: outputs and the next optimizer
+        step are unchanged, only where experts live changes. Collective over the EP (and DP) group. Call it between
+        steps or between backward and `optimizer.step()`, never between a forward and its backward.
 
         Arguments:
+            optimizer: an optimizer holding `w13`/`w2` (or a list of them) whose per-slot state (every state tensor
+                whose first dimension is the local slot, e.g. Adam's exp_avg/exp_avg_sq) moves with the weights.
+                Optimizers that already stepped these parameters are found automatically.
             max_moves: repair the current placement with at most this many slot changes instead of planning afresh.
-            extra_tensors: other per-slot tensors to move with the weights (first dimension = local slot), e.g. the
-                optimizer's moment buffers of `w13` and `w2`.
+            extra_tensors: other per-slot tensors to move (first dimension = local slot).
 
         Returns:
             dict with "balancedness_before", "balancedness_after" (mean/max of per-rank load on the recorded
             window) and "bytes_moved" (sent by this rank).
         """
-        cfg = self.config
-        previous = self.placement
-        group = self.group if self.distributed else None
-        load = self.recorder.logical_load(previous.phy2log, cfg.num_experts, group=group).cpu()
-        new = eplb.plan(load, cfg.num_slots, self.num_ranks, previous=previous, max_moves=max_moves)
-        stats = {
-            "balancedness_before": float(eplb.balancedness(load, previous)[0]),
-            "balancedness_after": float(eplb.balancedness(load, new)[0]),
-            "bytes_moved": 0,
-        }
-        if new == previous:
-            log.info("layer %d: EPLB rebalance kept the placement (balancedness %.4f on the recorded window)",
-                     self.layer_idx, stats["balancedness_before"])
-            return stats
-        tensors = [self.w13.data, self.w2.data] + list(extra_tensors or [])
-        if self.distributed:
-            report = eplb.rearrange([tensors], previous, new, self.group)
-            stats["bytes_moved"] = int(report.bytes_sent)
-        else:
-            # One rank holds every slot: new slot s takes the old slot of its logical expert's first replica.
-            old_slot = previous.log2phy[0][new.phy2log[0], 0].to(self.w13.device)
-            for t in tensors:
-                t.copy_(t.index_select(0, old_slot))
-        self._install_placement(new)
-        log.info("layer %d: EPLB rebalance: balancedness %.4f -> %.4f, %d slots changed, %d bytes sent by this rank",
-                 self.layer_idx, stats["balancedness_before"], stats["balancedness_after"],
-                 new.moves_from(previous).changed_slots, stats["bytes_moved"])
-        return stats
+        return training.rebalance_layers([self], optimizer=optimizer, max_moves=max_moves,
+                                         extra_tensors=extra_tensors)[0]
+
+    @torch.no_grad()
+    def apply_placement(self, placement: eplb.Placement, *, optimizer: torch.optim.Optimizer | None = None,
+                        extra_tensors: list[torch.Tensor] | None = None) -> dict:
+        """Moves the experts (weights, `.grad`, optimizer state, `extra_tensors`) to `placement`, as `rebalance`
+        does (collective). `placement` has one layer, or several of which row `layer_idx` is taken.
+
+        Returns:
+            dict with "bytes_moved" (sent by this rank).
+        """
+        return training.apply_placement(self, placement, optimizer=optimizer, extra_tensors=extra_tensors)

@@ -20,7 +20,7 @@ import torch
 import torch.distributed as dist
 from torch import nn
 
-from epmoe import eplb
+from epmoe import eplb, training
 from epmoe.integrations.hf_checkpoint import (
     REPLICATED_NAMES,
     CheckpointFiles,
@@ -29,7 +29,7 @@ from epmoe.integrations.hf_checkpoint import (
     remember_hf_block,
     tensor_at,
 )
-from epmoe.integrations.transformers import SUPPORTED_BLOCKS, moe_config_from_hf
+from epmoe.integrations.transformers import SUPPORTED_BLOCKS, install_router_logits_probe, moe_config_from_hf
 from epmoe.layer import MoE, placement_row
 
 __all__ = ["from_pretrained", "find_moe_blocks", "load_placement"]
@@ -401,6 +401,7 @@ def _replace_blocks(model, files, group, world: int, num_redundant_experts, plac
         config = moe_config_from_hf(block, num_redundant_experts=num_redundant_experts)
         moe = MoE(config, group, layer_idx=layer_idx, device="meta", placement=layer_plan)
         remember_hf_block(moe, block)
+        install_router_logits_probe(moe)  # output_router_logits=True returns each layer's router logits
         parent_name, _, attr = name.rpartition(".")
         setattr(model.get_submodule(parent_name) if parent_name else model, attr, moe)
         plans.append(_plan_experts(name, type(block).__name__, moe, files))
@@ -467,6 +468,7 @@ def from_pretrained(path, process_group: dist.ProcessGroup | None = None, *, num
             files.close()
     raise_on_every_rank(error, group, "from_pretrained")
     model.eval()
+    training.exclude_from_ddp(model)  # DDP over the data ranks leaves the epmoe layers to epmoe.sync_grads
     model.epmoe_load_stats = stats
     logger.info("from_pretrained %s: EP rank %d/%d read %.3f of %.3f GB of expert weights and %.3f GB of other "
                 "tensors in %.2f s", files.folder, rank, world, stats["expert_bytes_read"] / 1e9,

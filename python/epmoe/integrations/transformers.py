@@ -4,7 +4,10 @@
 - `shard_model(model, process_group)` / `moe_from_hf(block)` replace MoE blocks (DeepseekV2Moe, DeepseekV3MoE,
   Qwen3MoeSparseMoeBlock, MixtralSparseMoeBlock) with expert-parallel `epmoe.MoE` layers; each rank keeps only its
   experts. The router GEMM runs in fp32 (as DeepSeek's routers do; for Qwen3/Mixtral in bf16 this is more precise
-  than the block it replaces, so selections can differ on near-ties).
+  than the block it replaces, so selections can differ on near-ties). The sharded model's epmoe parameters are
+  excluded from DistributedDataParallel (`epmoe.sync_grads` owns them), `model.to(dtype)` converts the layers, and
+  `output_router_logits=True` returns each layer's fp32 router logits [T, E] (docs/training.md says what the
+  model's own load-balancing loss then computes).
 
 After `register()`, `AutoModelForCausalLM.from_config(cfg, experts_implementation="epmoe")` (or
 `model.set_experts_implementation("epmoe")`) runs every MoE block's experts through `epmoe.experts_forward`.
@@ -20,13 +23,14 @@ import torch
 import torch.distributed as dist
 from torch import nn
 
-from epmoe import eplb
+from epmoe import eplb, training
 from epmoe.experts import experts_forward
 from epmoe.integrations.hf_checkpoint import remember_hf_block
 from epmoe.layer import MoE, MoEConfig
 
 __all__ = [
     "IMPLEMENTATION_NAME",
+    "RouterLogitsProbe",
     "SUPPORTED_BLOCKS",
     "check_supported_experts",
     "epmoe_experts_forward",
@@ -179,7 +183,26 @@ def moe_from_hf(block: nn.Module, process_group: dist.ProcessGroup | None = None
         if moe.shared_experts is not None:
             for proj in ("gate_proj", "up_proj", "down_proj"):
                 getattr(moe.shared_experts, proj).weight.copy_(getattr(block.shared_experts, proj).weight)
+    install_router_logits_probe(moe)
     return moe.train(block.training)
+
+
+class RouterLogitsProbe(nn.Module):
+    """Identity on an `epmoe.MoE` layer's fp32 router logits [T, E]: transformers' output capturing records them
+    here, so `output_router_logits=True` returns one tensor per MoE layer as the replaced router did."""
+
+    def forward(self, logits: torch.Tensor) -> torch.Tensor:
+        return logits
+
+
+def install_router_logits_probe(moe: MoE) -> None:
+    """Gives `moe` a `RouterLogitsProbe` hooked into transformers' output capturing (`output_router_logits`)."""
+    moe.router_logits_probe = RouterLogitsProbe()
+    try:
+        from transformers.utils.output_capturing import install_output_capuring_hook
+    except ImportError:  # a transformers without output capturing hooks records nothing here
+        return
+    install_output_capuring_hook(moe.router_logits_probe, "router_logits", 0)
 
 
 def shard_model(model: nn.Module, process_group: dist.ProcessGroup | None = None, **moe_kwargs) -> nn.Module:
@@ -193,4 +216,4 @@ def shard_model(model: nn.Module, process_group: dist.ProcessGroup | None = None
         parent_name, _, attr = name.rpartition(".")
         parent = model.get_submodule(parent_name) if parent_name else model
         setattr(parent, attr, moe_from_hf(block, process_group, layer_idx=layer_idx, **moe_kwargs))
-    return model
+    return training.exclude_from_ddp(model)

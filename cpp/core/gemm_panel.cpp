@@ -14,16 +14,18 @@ constexpr int kGemmCols = 12;   // output columns per plain tile
 
 typedef uint32_t u32_unaligned __attribute__((aligned(2), may_alias));
 
-// The cache lines of the next weight block that one tile prefetches into L2, one per K step: while a block runs
-// over the P panels, tile p fetches the p-th share of the next block, so its first pass does not wait on memory.
+// The cache lines of the next weight block, prefetched into L2 one per K step by the tiles of the current block:
+// each tile gets a budget (set_budget: its share of the lines) and continues where the previous tile stopped, so
+// that the block's first pass over the next rows does not wait on memory. Tiles copy it into registers (take) and
+// hand it back (put).
 class WeightPrefetch {
   public:
     WeightPrefetch() = default;
-    WeightPrefetch(const void* const* rows, int64_t row_bytes, int64_t line_begin, int64_t line_end)
-        : rows_(reinterpret_cast<const char* const*>(rows)), row_bytes_(row_bytes), remaining_(line_end - line_begin) {
-        const int64_t lines_per_row = (row_bytes + 63) / 64;
-        row_ = line_begin / lines_per_row;
-        offset_ = (line_begin % lines_per_row) * 64;
+    WeightPrefetch(const void* const* rows, int64_t row_bytes, int64_t num_lines)
+        : rows_(reinterpret_cast<const char* const*>(rows)), row_bytes_(row_bytes), left_(num_lines) {}
+    void set_budget(int64_t lines) {
+        remaining_ = lines < left_ ? lines : left_;
+        left_ -= remaining_;
     }
     inline void next() {
         if (remaining_ <= 0) return;
@@ -35,7 +37,7 @@ class WeightPrefetch {
 
   private:
     const char* const* rows_ = nullptr;
-    int64_t row_bytes_ = 0, remaining_ = 0, row_ = 0, offset_ = 0;
+    int64_t row_bytes_ = 0, left_ = 0, remaining_ = 0, row_ = 0, offset_ = 0;
 };
 
 // Requests write ownership of the output lines a tile will store (columns [col, col + width) of each of its rows),
@@ -124,8 +126,10 @@ struct WeightBlock {
 // ---- fp32 tiles: acc[n][half] += w[n][k] * panel[k][16 * half .. + 16]
 
 EPMOE_TARGET_AVX512 inline void tile_f32(const uint32_t* panel, int64_t depth, const WeightBlock<float>& w,
-                                         WeightPrefetch prefetch, OutputPrefetch out_prefetch, __m512 (&out)[12][2]) {
+                                         WeightPrefetch& weight_prefetch, OutputPrefetch out_prefetch,
+                                         __m512 (&out)[12][2]) {
     __m512 acc[12][2];  // local: `out` may alias the loads (__m512 is may_alias), registers need a local
+    WeightPrefetch prefetch = weight_prefetch;  // in registers for the loop
 #pragma GCC unroll 12
     for (int n = 0; n < 12; ++n) acc[n][0] = acc[n][1] = _mm512_setzero_ps();
     const float* p = reinterpret_cast<const float*>(panel);
@@ -149,13 +153,16 @@ EPMOE_TARGET_AVX512 inline void tile_f32(const uint32_t* panel, int64_t depth, c
     }
 #pragma GCC unroll 12
     for (int n = 0; n < 12; ++n) out[n][0] = acc[n][0], out[n][1] = acc[n][1];
+    weight_prefetch = prefetch;
 }
 
 // ---- bf16 tiles: one vdpbf16ps per (weight row, half) and pair of K values
 
 EPMOE_TARGET_AVX512_BF16 void tile_bf16(const uint32_t* panel, int64_t depth, const WeightBlock<uint16_t>& w,
-                                        WeightPrefetch prefetch, OutputPrefetch out_prefetch, __m512 (&out)[12][2]) {
+                                        WeightPrefetch& weight_prefetch, OutputPrefetch out_prefetch,
+                                        __m512 (&out)[12][2]) {
     __m512 acc[12][2];
+    WeightPrefetch prefetch = weight_prefetch;
 #pragma GCC unroll 12
     for (int n = 0; n < 12; ++n) acc[n][0] = acc[n][1] = _mm512_setzero_ps();
     const uint32_t* p = panel;
@@ -192,11 +199,12 @@ EPMOE_TARGET_AVX512_BF16 void tile_bf16(const uint32_t* panel, int64_t depth, co
     }
 #pragma GCC unroll 12
     for (int n = 0; n < 12; ++n) out[n][0] = acc[n][0], out[n][1] = acc[n][1];
+    weight_prefetch = prefetch;
 }
 
 template <typename T>
 EPMOE_TARGET_AVX512 inline void tile(const uint32_t* panel, int64_t depth, const WeightBlock<T>& w,
-                                     WeightPrefetch prefetch, OutputPrefetch out_prefetch, __m512 (&acc)[12][2]) {
+                                     WeightPrefetch& prefetch, OutputPrefetch out_prefetch, __m512 (&acc)[12][2]) {
     if constexpr (sizeof(T) == 4) {
         tile_f32(panel, depth, w, prefetch, out_prefetch, acc);
     } else {
@@ -207,7 +215,7 @@ EPMOE_TARGET_AVX512 inline void tile(const uint32_t* panel, int64_t depth, const
 // Rows 0-5 of w: gate rows of 6 h columns, rows 6-11: their up rows.
 template <typename T>
 EPMOE_TARGET_AVX512 void swiglu_tile(const uint32_t* panel, int64_t depth, const WeightBlock<T>& w,
-                                     WeightPrefetch prefetch, int num_cols, int64_t num_rows, DType dtype,
+                                     WeightPrefetch& prefetch, int num_cols, int64_t num_rows, DType dtype,
                                      void* const* out_rows, int64_t col) {
     const OutputPrefetch out_prefetch(out_rows, num_rows < kPanelRows ? num_rows : kPanelRows, col * sizeof(T),
                                       num_cols * sizeof(T));
@@ -224,7 +232,7 @@ EPMOE_TARGET_AVX512 void swiglu_tile(const uint32_t* panel, int64_t depth, const
 
 template <typename T>
 EPMOE_TARGET_AVX512 void gemm_tile(const uint32_t* panel, int64_t depth, const WeightBlock<T>& w,
-                                   WeightPrefetch prefetch, int num_cols, int64_t num_rows, DType dtype,
+                                   WeightPrefetch& prefetch, int num_cols, int64_t num_rows, DType dtype,
                                    void* const* out_rows, int64_t col) {
     const OutputPrefetch out_prefetch(out_rows, num_rows < kPanelRows ? num_rows : kPanelRows, col * sizeof(T),
                                       num_cols * sizeof(T));
@@ -263,15 +271,6 @@ WeightBlock<T> weight_block(const T* const* first, int num_groups, int valid, in
     return WeightBlock<T>{{edge, edge + 3 * depth, edge + 6 * depth, edge + 9 * depth}, depth};
 }
 
-// The share of panel p (of num_panels) of the lines of the next block (`next`: its 12 row addresses).
-template <typename T>
-WeightPrefetch prefetch_share(const void* const* next, int64_t depth, int64_t p, int64_t num_panels) {
-    if (next == nullptr) return {};
-    const int64_t row_bytes = depth * static_cast<int64_t>(sizeof(T));
-    const int64_t lines = 12 * ((row_bytes + 63) / 64);
-    return WeightPrefetch(next, row_bytes, lines * p / num_panels, lines * (p + 1) / num_panels);
-}
-
 // NOTES: loop order weight block -> panel: the block's 12 weight rows are reused by every panel from L1/L2, the
 // panels (all rows of the call) stay in L2; while a block runs, its tiles prefetch the next block. `first` holds
 // the first row of each group of the block at columns [c0, c0 + width): SwiGLU gate and up rows (2 groups of 6),
@@ -290,8 +289,13 @@ void run_blocks(DType dtype, const T* const (&first)[kGroups], int64_t depth, in
         const bool has_next = c0 + kWidth < col_end;
         for (int n = 0; n < 12 && has_next; ++n)  // the next block's rows (its tail rows may be past col_end)
             next[n] = rows[n / kWidth] + (kWidth + (n % kWidth < col_end - c0 - kWidth ? n % kWidth : 0)) * depth;
+        // The next block's lines, an equal share per panel (one division per block, none per tile).
+        const int64_t lines = has_next ? 12 * ((depth * static_cast<int64_t>(sizeof(T)) + 63) / 64) : 0;
+        const int64_t share = (lines + num_panels - 1) / num_panels;
+        WeightPrefetch prefetch = has_next ? WeightPrefetch(next, depth * static_cast<int64_t>(sizeof(T)), lines)
+                                           : WeightPrefetch();
         for (int64_t p = 0; p < num_panels; ++p) {
-            const WeightPrefetch prefetch = prefetch_share<T>(has_next ? next : nullptr, depth, p, num_panels);
+            prefetch.set_budget(share);
             const uint32_t* panel = panels + p * stride;
             if constexpr (kGroups == 2) {
                 swiglu_tile<T>(panel, depth, block, prefetch, valid, num_rows - p * kPanelRows, dtype,

@@ -118,8 +118,11 @@ std::vector<Item> make_items(const std::vector<int64_t>& off, int64_t num_cols, 
     for (size_t e = 0; e + 1 < off.size(); ++e) {
         const int64_t n = off[e + 1] - off[e];
         if (n == 0) continue;
-        const int64_t num_tiles = n / max_rows + (n % max_rows != 0);
-        const int64_t tile = (n + num_tiles - 1) / num_tiles;
+        // Tiles of whole panels (a partial panel costs a full one), as even as that allows.
+        const int64_t num_panels = (n + core::kPanelRows - 1) / core::kPanelRows;
+        const int64_t max_panels = std::max<int64_t>(1, max_rows / core::kPanelRows);
+        const int64_t num_tiles = (num_panels + max_panels - 1) / max_panels;
+        const int64_t tile = (num_panels + num_tiles - 1) / num_tiles * core::kPanelRows;
         for (int64_t r = off[e]; r < off[e + 1]; r += tile)
             row_items.push_back({static_cast<int64_t>(e), r, std::min(off[e + 1], r + tile), 0, num_cols});
     }

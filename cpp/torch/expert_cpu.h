@@ -25,8 +25,8 @@ struct Item {
     int64_t expert, row_begin, row_end, col_begin, col_end;
 };
 
-// Cuts every non-empty segment of `offsets` into balanced row tiles of <= max_rows rows (fixed by the segment size
-// alone, so results do not depend on the thread count), then splits the columns [0, num_cols) into chunks
+// Cuts every non-empty segment of `offsets` into row tiles of <= max_rows rows, whole panels of kPanelRows rows but
+// the last (fixed by the segment size alone, so results do not depend on the thread count), then splits the columns [0, num_cols) into chunks
 // (multiples of col_align) until there are a few items per thread (more when segments are a few rows: decode streams
 // weights, and short last items balance the cores), so that decode (one tile per expert) still spreads over the
 // cores. Largest items first.

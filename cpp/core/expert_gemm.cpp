@@ -22,18 +22,18 @@ int64_t expert_gemm_scratch_bytes(DType dtype, int64_t num_rows, int64_t depth, 
     return num_rows * num_cols * 4;
 }
 
-void expert_swiglu(DType dtype, const void* const* a_rows, int64_t num_rows, int64_t hidden, const void* w13,
-                   int64_t inter, int64_t col_begin, int64_t col_end, void* const* h_rows, void* scratch) {
+void expert_swiglu(DType dtype, const void* const* a_rows, int64_t num_rows, int64_t hidden, const void* gate,
+                   const void* up, int64_t col_begin, int64_t col_end, void* const* h_rows, void* scratch) {
     if (num_rows >= panel_min_rows(dtype)) {
-        panel_swiglu(dtype, a_rows, num_rows, hidden, w13, inter, col_begin, col_end, h_rows, scratch);
+        panel_swiglu(dtype, a_rows, num_rows, hidden, gate, up, col_begin, col_end, h_rows, scratch);
         return;
     }
     const int64_t num_cols = col_end - col_begin, row_bytes = hidden * elem_bytes(dtype);
     float* gu = static_cast<float*>(scratch);  // [num_rows, 2 * num_cols]: gate columns, then up columns
-    const char* w = static_cast<const char*>(w13);
-    gemm_nt(dtype, a_rows, num_rows, w + col_begin * row_bytes, hidden, num_cols, hidden, gu, 2 * num_cols);
-    gemm_nt(dtype, a_rows, num_rows, w + (inter + col_begin) * row_bytes, hidden, num_cols, hidden, gu + num_cols,
-            2 * num_cols);
+    gemm_nt(dtype, a_rows, num_rows, static_cast<const char*>(gate) + col_begin * row_bytes, hidden, num_cols, hidden,
+            gu, 2 * num_cols);
+    gemm_nt(dtype, a_rows, num_rows, static_cast<const char*>(up) + col_begin * row_bytes, hidden, num_cols, hidden,
+            gu + num_cols, 2 * num_cols);
     swiglu_rows(gu, 2 * num_cols, num_cols, num_rows, num_cols, dtype, h_rows, col_begin);
 }
 

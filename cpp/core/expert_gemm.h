@@ -23,10 +23,11 @@ bool expert_kernels_supported(DType dtype);
 int64_t expert_swiglu_scratch_bytes(DType dtype, int64_t num_rows, int64_t hidden, int64_t num_cols);
 int64_t expert_gemm_scratch_bytes(DType dtype, int64_t num_rows, int64_t depth, int64_t num_cols);
 
-// h_rows[m][c] = silu(a[m] . w13[c]) * (a[m] . w13[inter + c]), c in [col_begin, col_end), fp32 accumulation, rounded
-// to dtype. w13: one expert's [2 * inter, hidden]. scratch: 64-byte aligned.
-void expert_swiglu(DType dtype, const void* const* a_rows, int64_t num_rows, int64_t hidden, const void* w13,
-                   int64_t inter, int64_t col_begin, int64_t col_end, void* const* h_rows, void* scratch);
+// h_rows[m][c] = silu(a[m] . gate[c]) * (a[m] . up[c]), c in [col_begin, col_end), fp32 accumulation, rounded to
+// dtype. gate / up: one expert's row-major [*, hidden] weight rows (HF w13 [2I, H]: gate = w13, up = w13 + I * hidden).
+// scratch: 64-byte aligned.
+void expert_swiglu(DType dtype, const void* const* a_rows, int64_t num_rows, int64_t hidden, const void* gate,
+                   const void* up, int64_t col_begin, int64_t col_end, void* const* h_rows, void* scratch);
 
 // out_rows[m][c] = a[m] . w[c], c in [col_begin, col_end), fp32 accumulation, rounded to dtype; w [*, depth].
 void expert_gemm(DType dtype, const void* const* a_rows, int64_t num_rows, int64_t depth, const void* w,

@@ -309,11 +309,11 @@ void run_blocks(DType dtype, const T* const (&first)[kGroups], int64_t depth, in
 }
 
 template <typename T>
-void panel_swiglu_impl(DType dtype, const void* const* a_rows, int64_t num_rows, int64_t hidden, const T* w13,
-                       int64_t inter, int64_t col_begin, int64_t col_end, void* const* out_rows, uint32_t* panels) {
+void panel_swiglu_impl(DType dtype, const void* const* a_rows, int64_t num_rows, int64_t hidden, const T* gate,
+                       const T* up, int64_t col_begin, int64_t col_end, void* const* out_rows, uint32_t* panels) {
     const int64_t stride = pack_panels<T>(a_rows, num_rows, hidden, panels);
     T* edge = reinterpret_cast<T*>(panels + ((num_rows + kPanelRows - 1) / kPanelRows) * stride);
-    const T* const first[2] = {w13 + col_begin * hidden, w13 + (inter + col_begin) * hidden};
+    const T* const first[2] = {gate + col_begin * hidden, up + col_begin * hidden};
     run_blocks<T, 2>(dtype, first, hidden, col_begin, col_end, panels, stride, num_rows, out_rows, edge);
 }
 
@@ -339,17 +339,17 @@ int64_t panel_scratch_bytes(DType dtype, int64_t num_rows, int64_t depth) {
     return (num_rows + kPanelRows - 1) / kPanelRows * kPanelRows * words * 4 + edge_block;
 }
 
-void panel_swiglu(DType dtype, const void* const* a_rows, int64_t num_rows, int64_t hidden, const void* w13,
-                  int64_t inter, int64_t col_begin, int64_t col_end, void* const* out_rows, void* scratch) {
+void panel_swiglu(DType dtype, const void* const* a_rows, int64_t num_rows, int64_t hidden, const void* gate,
+                  const void* up, int64_t col_begin, int64_t col_end, void* const* out_rows, void* scratch) {
     check_supported(dtype);
     if (num_rows == 0 || col_begin >= col_end) return;
     uint32_t* panels = static_cast<uint32_t*>(scratch);
     if (dtype == DType::kFloat32) {
-        panel_swiglu_impl(dtype, a_rows, num_rows, hidden, static_cast<const float*>(w13), inter, col_begin, col_end,
-                          out_rows, panels);
+        panel_swiglu_impl(dtype, a_rows, num_rows, hidden, static_cast<const float*>(gate),
+                          static_cast<const float*>(up), col_begin, col_end, out_rows, panels);
     } else {
-        panel_swiglu_impl(dtype, a_rows, num_rows, hidden, static_cast<const uint16_t*>(w13), inter, col_begin,
-                          col_end, out_rows, panels);
+        panel_swiglu_impl(dtype, a_rows, num_rows, hidden, static_cast<const uint16_t*>(gate),
+                          static_cast<const uint16_t*>(up), col_begin, col_end, out_rows, panels);
     }
 }
 

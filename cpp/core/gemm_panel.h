@@ -20,14 +20,14 @@ constexpr int64_t kPanelRows = 32;
 // Bytes of panel scratch for num_rows rows of depth elements.
 int64_t panel_scratch_bytes(DType dtype, int64_t num_rows, int64_t depth);
 
-// h[m][c] = silu(a[m] . w13[c]) * (a[m] . w13[inter + c]) for c in [col_begin, col_end), rounded to dtype.
+// h[m][c] = silu(a[m] . gate[c]) * (a[m] . up[c]) for c in [col_begin, col_end), rounded to dtype.
 //   a_rows   num_rows pointers to rows of `hidden` elements (dtype fp32 or bf16)
-//   w13      [2 * inter, hidden] of one expert (gate rows then up rows)
+//   gate/up  [*, hidden] row-major weight rows of one expert (HF w13 [2I, H]: gate = w13, up = w13 + I * hidden)
 //   h_rows   num_rows pointers to rows of the output (column c at h_rows[m] + c)
 //   scratch  panel_scratch_bytes(dtype, num_rows, hidden) bytes, 64-byte aligned
 // Requires gemm_nt_supported(dtype) (the same ISA).
-void panel_swiglu(DType dtype, const void* const* a_rows, int64_t num_rows, int64_t hidden, const void* w13,
-                  int64_t inter, int64_t col_begin, int64_t col_end, void* const* out_rows, void* scratch);
+void panel_swiglu(DType dtype, const void* const* a_rows, int64_t num_rows, int64_t hidden, const void* gate,
+                  const void* up, int64_t col_begin, int64_t col_end, void* const* out_rows, void* scratch);
 
 // out[m][c] = a[m] . w[c] for c in [col_begin, col_end), rounded to dtype; w [*, depth] row-major.
 void panel_gemm(DType dtype, const void* const* a_rows, int64_t num_rows, int64_t depth, const void* w,

@@ -21,41 +21,54 @@ inline int32_t local_expert(const LayoutParams& p, const int32_t* expert_map, in
     return expert_map[id];  // validated by the caller to lie in [-1, num_experts)
 }
 
+template <typename T>
+inline float to_float(T v) {
+    if constexpr (sizeof(T) == 4) {
+        return v;
+    } else if constexpr (std::is_same_v<T, uint16_t>) {
+        return bf16_to_float(v);
+    } else {
+        return fp16_to_float(static_cast<uint16_t>(v));
+    }
+}
+
+// fp32 -> T, round to nearest even.
+template <typename T>
+inline T from_float(float v) {
+    if constexpr (sizeof(T) == 4) {
+        return v;
+    } else if constexpr (std::is_same_v<T, uint16_t>) {
+        return float_to_bf16(v);
+    } else {
+        return static_cast<T>(float_to_fp16(v));
+    }
+}
+
 // acc[h] += w * float(src[h]), one row; clones vectorise it for the CPU's ISA.
 template <typename T>
 __attribute__((target_clones("arch=x86-64-v4", "arch=x86-64-v3", "default"))) void accumulate_row(
     float* __restrict acc, const T* __restrict src, float w, int64_t hidden) {
-    for (int64_t h = 0; h < hidden; ++h) {
-        float v;
-        if constexpr (sizeof(T) == 4) {
-            v = src[h];
-        } else if constexpr (std::is_same_v<T, uint16_t>) {
-            v = bf16_to_float(src[h]);
-        } else {
-            v = fp16_to_float(static_cast<uint16_t>(src[h]));
-        }
-        acc[h] += w * v;
-    }
+    for (int64_t h = 0; h < hidden; ++h) acc[h] += w * to_float(src[h]);
+}
+
+// acc[h] = float(T(acc[h])) + float(addend[h]): the sum rounded to T, plus a row of T (as ATen adds two T tensors).
+template <typename T>
+__attribute__((target_clones("arch=x86-64-v4", "arch=x86-64-v3", "default"))) void add_rounded_row(
+    float* __restrict acc, const T* __restrict addend, int64_t hidden) {
+    for (int64_t h = 0; h < hidden; ++h) acc[h] = to_float(from_float<T>(acc[h])) + to_float(addend[h]);
 }
 
 template <typename T>
 __attribute__((target_clones("arch=x86-64-v4", "arch=x86-64-v3", "default"))) void round_row(
     const float* __restrict acc, T* __restrict dst, int64_t hidden) {
-    for (int64_t h = 0; h < hidden; ++h) {
-        if constexpr (sizeof(T) == 4) {
-            dst[h] = acc[h];
-        } else if constexpr (std::is_same_v<T, uint16_t>) {
-            dst[h] = float_to_bf16(acc[h]);
-        } else {
-            dst[h] = static_cast<T>(float_to_fp16(acc[h]));
-        }
-    }
+    for (int64_t h = 0; h < hidden; ++h) dst[h] = from_float<T>(acc[h]);
 }
 
 // T: float (fp32), uint16_t (bf16) or int16_t (fp16 bits; a distinct type only to select the conversion).
 template <typename T>
 void unpermute_typed(const T* rows, int64_t hidden, const int32_t* slot_to_row, bool rows_by_slot,
-                     const float* topk_weights, int num_topk, int64_t token_begin, int64_t token_end, T* out) {
+                     const float* topk_weights, int num_topk, const T* addend, int64_t token_begin, int64_t token_end,
+                     T* out) {
     std::vector<float> acc(hidden);
     for (int64_t t = token_begin; t < token_end; ++t) {
         std::fill(acc.begin(), acc.end(), 0.0f);
@@ -65,6 +78,7 @@ void unpermute_typed(const T* rows, int64_t hidden, const int32_t* slot_to_row, 
             const int64_t r = rows_by_slot ? f : slot_to_row[f];
             accumulate_row(acc.data(), rows + r * hidden, topk_weights[f], hidden);
         }
+        if (addend != nullptr) add_rounded_row(acc.data(), addend + t * hidden, hidden);
         round_row(acc.data(), out + t * hidden, hidden);
     }
 }
@@ -72,17 +86,21 @@ void unpermute_typed(const T* rows, int64_t hidden, const int32_t* slot_to_row, 
 }  // namespace
 
 void unpermute_rows(DType dtype, const void* rows, int64_t hidden, const int32_t* slot_to_row, bool rows_by_slot,
-                    const float* topk_weights, int num_topk, int64_t token_begin, int64_t token_end, void* out) {
+                    const float* topk_weights, int num_topk, const void* addend, int64_t token_begin,
+                    int64_t token_end, void* out) {
     switch (dtype) {
         case DType::kFloat32:
             return unpermute_typed(static_cast<const float*>(rows), hidden, slot_to_row, rows_by_slot, topk_weights,
-                                   num_topk, token_begin, token_end, static_cast<float*>(out));
+                                   num_topk, static_cast<const float*>(addend), token_begin, token_end,
+                                   static_cast<float*>(out));
         case DType::kBFloat16:
             return unpermute_typed(static_cast<const uint16_t*>(rows), hidden, slot_to_row, rows_by_slot,
-                                   topk_weights, num_topk, token_begin, token_end, static_cast<uint16_t*>(out));
+                                   topk_weights, num_topk, static_cast<const uint16_t*>(addend), token_begin,
+                                   token_end, static_cast<uint16_t*>(out));
         case DType::kFloat16:
             return unpermute_typed(static_cast<const int16_t*>(rows), hidden, slot_to_row, rows_by_slot,
-                                   topk_weights, num_topk, token_begin, token_end, static_cast<int16_t*>(out));
+                                   topk_weights, num_topk, static_cast<const int16_t*>(addend), token_begin,
+                                   token_end, static_cast<int16_t*>(out));
     }
 }
 

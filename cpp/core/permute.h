@@ -51,8 +51,11 @@ void permute_rows(const void* x, int64_t row_bytes, const int32_t* row_to_slot, 
 //   in fp32 with a separate multiply and add per term (the CUDA kernel's order, so both agree bitwise), rounded
 //   once to `dtype`. r(t, j) = slot_to_row[t, j], or the flat slot t * num_topk + j when rows_by_slot.
 //   rows [*, hidden] and out [num_tokens, hidden] of `dtype`; topk_weights float32 [num_tokens, num_topk].
+//   addend: nullptr, or [num_tokens, hidden] of `dtype` added to the rounded sum, then rounded again (what adding
+//   two `dtype` tensors does: the shared experts' output).
 void unpermute_rows(DType dtype, const void* rows, int64_t hidden, const int32_t* slot_to_row, bool rows_by_slot,
-                    const float* topk_weights, int num_topk, int64_t token_begin, int64_t token_end, void* out);
+                    const float* topk_weights, int num_topk, const void* addend, int64_t token_begin,
+                    int64_t token_end, void* out);
 
 // Index of the first value outside [lo, hi) in values[0, n), or -1.
 int64_t find_out_of_range(const int32_t* values, int64_t n, int64_t lo, int64_t hi);

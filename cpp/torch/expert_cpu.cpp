@@ -13,6 +13,7 @@
 #include <cstring>
 #include <functional>
 #include <string>
+#include <utility>
 
 #include "cpp/core/cpu_features.h"
 #include "cpp/core/expert_gemm.h"
@@ -84,20 +85,23 @@ at::Tensor rows_tensor(const void* const* rows, int64_t num_rows, int64_t depth,
     return at::from_blob(data, {num_rows, depth}, at::TensorOptions().dtype(dtype));
 }
 
-void aten_swiglu_item(const Item& it, const void* const* a_rows, const at::Tensor& w13, void* const* h_rows) {
-    const int64_t m = it.row_end - it.row_begin, n = it.col_end - it.col_begin, inter = w13.size(1) / 2;
-    const at::Tensor a = rows_tensor(a_rows + it.row_begin, m, w13.size(2), w13.scalar_type());
-    const at::Tensor w_e = w13.select(0, it.expert);
+void aten_swiglu_item(const Item& it, const SwigluSegments& g) {
+    const int64_t m = it.row_end - it.row_begin, n = it.col_end - it.col_begin, inter = g.gate.size(1);
+    const int64_t hidden = g.gate.size(2);
+    const at::Tensor a = rows_tensor(g.a_rows + it.row_begin, m, hidden, g.gate.scalar_type());
+    const at::Tensor gate_e = g.gate.select(0, it.expert), up_e = g.up.select(0, it.expert);
     // NOTES: the GEMM accumulates in fp32; for bf16/fp16 ATen rounds its result to the input dtype once (no fp32
     // output for 16-bit inputs on CPU). The activation then runs in fp32 and is rounded once into h.
-    at::Tensor gu = at::empty({m, 2 * n}, w13.options().dtype(at::kFloat));
-    if (n == inter) {  // one GEMM over the gate and up rows together
-        gu.copy_(at::mm(a, w_e.t()));
+    at::Tensor gu = at::empty({m, 2 * n}, g.gate.options().dtype(at::kFloat));
+    const bool adjacent = static_cast<const char*>(up_e.data_ptr()) ==
+                          static_cast<const char*>(gate_e.data_ptr()) + inter * hidden * g.gate.element_size();
+    if (n == inter && adjacent) {  // one GEMM over the gate and up rows together (HF w13)
+        gu.copy_(at::mm(a, gate_e.as_strided({2 * inter, hidden}, {hidden, 1}).t()));
     } else {
-        gu.narrow(1, 0, n).copy_(at::mm(a, w_e.narrow(0, it.col_begin, n).t()));
-        gu.narrow(1, n, n).copy_(at::mm(a, w_e.narrow(0, inter + it.col_begin, n).t()));
+        gu.narrow(1, 0, n).copy_(at::mm(a, gate_e.narrow(0, it.col_begin, n).t()));
+        gu.narrow(1, n, n).copy_(at::mm(a, up_e.narrow(0, it.col_begin, n).t()));
     }
-    core::swiglu_rows(gu.data_ptr<float>(), 2 * n, n, m, n, core_dtype(w13.scalar_type()), h_rows + it.row_begin,
+    core::swiglu_rows(gu.data_ptr<float>(), 2 * n, n, m, n, core_dtype(g.gate.scalar_type()), g.h_rows + it.row_begin,
                       it.col_begin);
 }
 
@@ -114,37 +118,49 @@ void aten_gemm_item(const Item& it, const void* const* a_rows, const at::Tensor&
 }  // namespace
 
 std::vector<Item> make_items(const std::vector<int64_t>& off, int64_t num_cols, int64_t max_rows, int64_t col_align) {
+    return make_items({ItemSpec{&off, num_cols, max_rows, col_align, 1}});
+}
+
+std::vector<Item> make_items(const std::vector<ItemSpec>& specs) {
     std::vector<Item> row_items;
-    for (size_t e = 0; e + 1 < off.size(); ++e) {
-        const int64_t n = off[e + 1] - off[e];
-        if (n == 0) continue;
-        // Tiles of whole panels (a partial panel costs a full one), as even as that allows.
-        const int64_t num_panels = (n + core::kPanelRows - 1) / core::kPanelRows;
-        const int64_t max_panels = std::max<int64_t>(1, max_rows / core::kPanelRows);
-        const int64_t num_tiles = (num_panels + max_panels - 1) / max_panels;
-        const int64_t tile = (num_panels + num_tiles - 1) / num_tiles * core::kPanelRows;
-        for (int64_t r = off[e]; r < off[e + 1]; r += tile)
-            row_items.push_back({static_cast<int64_t>(e), r, std::min(off[e + 1], r + tile), 0, num_cols});
+    int64_t total_rows = 0;
+    for (size_t s = 0; s < specs.size(); ++s) {
+        const std::vector<int64_t>& off = *specs[s].offsets;
+        if (specs[s].num_cols == 0 || off.size() < 2) continue;
+        total_rows += off.back() - off.front();
+        const int64_t max_panels = std::max<int64_t>(1, specs[s].max_rows / core::kPanelRows);
+        for (size_t e = 0; e + 1 < off.size(); ++e) {
+            const int64_t n = off[e + 1] - off[e];
+            if (n == 0) continue;
+            // Tiles of whole panels (a partial panel costs a full one), as even as that allows.
+            const int64_t num_panels = (n + core::kPanelRows - 1) / core::kPanelRows;
+            const int64_t num_tiles = (num_panels + max_panels - 1) / max_panels;
+            const int64_t tile = (num_panels + num_tiles - 1) / num_tiles * core::kPanelRows;
+            for (int64_t r = off[e]; r < off[e + 1]; r += tile) {
+                row_items.push_back({static_cast<int64_t>(e), r, std::min(off[e + 1], r + tile), 0, specs[s].num_cols,
+                                     static_cast<int64_t>(s)});
+            }
+        }
     }
-    if (row_items.empty() || num_cols == 0) return {};
+    if (row_items.empty()) return {};
     // Decode items (a few rows: weight streaming) are cut finer, so that the last ones to finish are short.
     const int64_t num_row_items = static_cast<int64_t>(row_items.size());
-    const bool streaming = (off.back() - off.front()) < 32 * num_row_items;
+    const bool streaming = total_rows < 32 * num_row_items;
     const int64_t target = (streaming ? 16 : 4) * static_cast<int64_t>(at::get_num_threads());
-    const int64_t max_splits = std::max<int64_t>(1, num_cols / (2 * col_align));
-    const int64_t num_splits = std::clamp<int64_t>((target + num_row_items - 1) / num_row_items, 1, max_splits);
-    int64_t chunk = (num_cols + num_splits - 1) / num_splits;
-    chunk = (chunk + col_align - 1) / col_align * col_align;
+    const int64_t wanted_splits = (target + num_row_items - 1) / num_row_items;
     std::vector<Item> items;
-    items.reserve(row_items.size() * static_cast<size_t>(num_splits));
     for (const Item& it : row_items) {
+        const int64_t num_cols = specs[it.group].num_cols, col_align = specs[it.group].col_align;
+        const int64_t num_splits = std::clamp<int64_t>(wanted_splits, 1, std::max<int64_t>(1, num_cols / (2 * col_align)));
+        const int64_t chunk = ((num_cols + num_splits - 1) / num_splits + col_align - 1) / col_align * col_align;
         for (int64_t c = 0; c < num_cols; c += chunk)
-            items.push_back({it.expert, it.row_begin, it.row_end, c, std::min(num_cols, c + chunk)});
+            items.push_back({it.expert, it.row_begin, it.row_end, c, std::min(num_cols, c + chunk), it.group});
     }
     // Largest first (threads claim items in order), so that skewed segments do not finish last.
-    std::stable_sort(items.begin(), items.end(), [](const Item& a, const Item& b) {
-        return (a.row_end - a.row_begin) * (a.col_end - a.col_begin) > (b.row_end - b.row_begin) * (b.col_end - b.col_begin);
-    });
+    const auto work = [&specs](const Item& it) {
+        return (it.row_end - it.row_begin) * (it.col_end - it.col_begin) * specs[it.group].depth;
+    };
+    std::stable_sort(items.begin(), items.end(), [&](const Item& a, const Item& b) { return work(a) > work(b); });
     return items;
 }
 
@@ -182,44 +198,72 @@ std::vector<int64_t> read_offsets(const at::Tensor& expert_offsets, int64_t num_
 namespace {
 
 // One item of each GEMM on its backend. a_rows / out_rows are indexed by it.row_begin + i.
-void swiglu_item(Mode mode, const Item& it, const void* const* a_rows, const at::Tensor& w13, void* const* h_rows) {
-    const at::ScalarType dtype = w13.scalar_type();
-    const int64_t m = it.row_end - it.row_begin, inter = w13.size(1) / 2, hidden = w13.size(2);
-    if (pick_backend(mode, dtype, m) == Backend::kAten) return aten_swiglu_item(it, a_rows, w13, h_rows);
+void swiglu_item(Mode mode, const Item& it, const SwigluSegments& g) {
+    const at::ScalarType dtype = g.gate.scalar_type();
+    const int64_t m = it.row_end - it.row_begin, hidden = g.gate.size(2);
+    if (pick_backend(mode, dtype, m) == Backend::kAten) return aten_swiglu_item(it, g);
     const DType dt = core_dtype(dtype);
     void* scratch = thread_scratch(core::expert_swiglu_scratch_bytes(dt, m, hidden, it.col_end - it.col_begin));
-    const char* w = static_cast<const char*>(w13.data_ptr()) + it.expert * w13.stride(0) * w13.element_size();
-    core::expert_swiglu(dt, a_rows + it.row_begin, m, hidden, w, inter, it.col_begin, it.col_end,
-                        h_rows + it.row_begin, scratch);
+    const int64_t elem = static_cast<int64_t>(g.gate.element_size());
+    const char* gate = static_cast<const char*>(g.gate.data_ptr()) + it.expert * g.gate.stride(0) * elem;
+    const char* up = static_cast<const char*>(g.up.data_ptr()) + it.expert * g.up.stride(0) * elem;
+    core::expert_swiglu(dt, g.a_rows + it.row_begin, m, hidden, gate, up, it.col_begin, it.col_end,
+                        g.h_rows + it.row_begin, scratch);
 }
 
-void gemm_item(Mode mode, const Item& it, const void* const* a_rows, const at::Tensor& w, void* const* out_rows) {
-    const at::ScalarType dtype = w.scalar_type();
-    const int64_t m = it.row_end - it.row_begin, depth = w.size(2);
-    if (pick_backend(mode, dtype, m) == Backend::kAten) return aten_gemm_item(it, a_rows, w, out_rows);
+void gemm_item(Mode mode, const Item& it, const GemmSegments& g) {
+    const at::ScalarType dtype = g.w.scalar_type();
+    const int64_t m = it.row_end - it.row_begin, depth = g.w.size(2);
+    if (pick_backend(mode, dtype, m) == Backend::kAten) return aten_gemm_item(it, g.a_rows, g.w, g.out_rows);
     const DType dt = core_dtype(dtype);
     void* scratch = thread_scratch(core::expert_gemm_scratch_bytes(dt, m, depth, it.col_end - it.col_begin));
-    const char* w_e = static_cast<const char*>(w.data_ptr()) + it.expert * w.stride(0) * w.element_size();
-    core::expert_gemm(dt, a_rows + it.row_begin, m, depth, w_e, it.col_begin, it.col_end, out_rows + it.row_begin,
+    const char* w_e = static_cast<const char*>(g.w.data_ptr()) + it.expert * g.w.stride(0) * g.w.element_size();
+    core::expert_gemm(dt, g.a_rows + it.row_begin, m, depth, w_e, it.col_begin, it.col_end, g.out_rows + it.row_begin,
                       scratch);
+}
+
+// Rows of a [E, N, K] weight view must be contiguous for the kernels (and K-contiguous for at::mm).
+void check_rows(const at::Tensor& w, const char* name) {
+    TORCH_CHECK(w.dim() == 3 && w.stride(2) == 1 && w.stride(1) == w.size(2), name,
+                " must be [E, N, K] with contiguous rows, got sizes ", w.sizes(), " strides ", w.strides());
 }
 
 }  // namespace
 
-void swiglu_segments(const std::vector<int64_t>& offsets, const void* const* a_rows, const at::Tensor& w13,
-                     void* const* h_rows) {
-    const Mode mode = checked_mode(w13.scalar_type());
-    const std::vector<Item> items =
-        make_items(offsets, w13.size(1) / 2, max_item_rows(w13.size(2), w13.element_size()), kSwigluColAlign);
-    run_items(items, [&](const Item& it) { swiglu_item(mode, it, a_rows, w13, h_rows); });
+SwigluSegments swiglu_group(std::vector<int64_t> offsets, const void* const* a_rows, const at::Tensor& w13,
+                            void* const* h_rows) {
+    const int64_t inter = w13.size(1) / 2;
+    return SwigluSegments{std::move(offsets), a_rows, w13.narrow(1, 0, inter), w13.narrow(1, inter, inter), h_rows};
 }
 
-void gemm_segments(const std::vector<int64_t>& offsets, const void* const* a_rows, const at::Tensor& w,
-                   void* const* out_rows) {
-    const Mode mode = checked_mode(w.scalar_type());
-    const std::vector<Item> items =
-        make_items(offsets, w.size(1), max_item_rows(w.size(2), w.element_size()), kGemmColAlign);
-    run_items(items, [&](const Item& it) { gemm_item(mode, it, a_rows, w, out_rows); });
+void swiglu_segments(const std::vector<SwigluSegments>& groups) {
+    if (groups.empty()) return;
+    const Mode mode = checked_mode(groups[0].gate.scalar_type());
+    std::vector<ItemSpec> specs;
+    for (const SwigluSegments& g : groups) {
+        check_rows(g.gate, "gate");
+        check_rows(g.up, "up");
+        TORCH_CHECK(g.up.sizes() == g.gate.sizes() && g.up.scalar_type() == g.gate.scalar_type(),
+                    "gate and up must have the same shape and dtype");
+        const int64_t hidden = g.gate.size(2);
+        specs.push_back({&g.offsets, g.gate.size(1), max_item_rows(hidden, g.gate.element_size()), kSwigluColAlign,
+                         hidden});
+    }
+    const std::vector<Item> items = make_items(specs);
+    run_items(items, [&](const Item& it) { swiglu_item(mode, it, groups[it.group]); });
+}
+
+void gemm_segments(const std::vector<GemmSegments>& groups) {
+    if (groups.empty()) return;
+    const Mode mode = checked_mode(groups[0].w.scalar_type());
+    std::vector<ItemSpec> specs;
+    for (const GemmSegments& g : groups) {
+        check_rows(g.w, "w");
+        const int64_t depth = g.w.size(2);
+        specs.push_back({&g.offsets, g.w.size(1), max_item_rows(depth, g.w.element_size()), kGemmColAlign, depth});
+    }
+    const std::vector<Item> items = make_items(specs);
+    run_items(items, [&](const Item& it) { gemm_item(mode, it, groups[it.group]); });
 }
 
 }  // namespace epmoe::cpu

@@ -23,6 +23,15 @@ constexpr int64_t kAmxMinRows = 32;
 
 struct Item {
     int64_t expert, row_begin, row_end, col_begin, col_end;
+    int64_t group = 0;  // which segment group of a multi-group call (make_items with several specs)
+};
+
+// One group of segments for make_items: rows [offsets[e], offsets[e + 1]) belong to expert e; the output has
+// num_cols columns, items at most max_rows rows and column chunks a multiple of col_align; depth (the K of the
+// GEMM) weighs the items of different groups against each other.
+struct ItemSpec {
+    const std::vector<int64_t>* offsets;
+    int64_t num_cols, max_rows, col_align, depth;
 };
 
 // Cuts every non-empty segment of `offsets` into row tiles of <= max_rows rows, whole panels of kPanelRows rows but
@@ -32,6 +41,8 @@ struct Item {
 // cores. Largest items first.
 std::vector<Item> make_items(const std::vector<int64_t>& offsets, int64_t num_cols, int64_t max_rows,
                              int64_t col_align);
+// The same for several groups at once (Item::group = index in specs), sorted together: one parallel region.
+std::vector<Item> make_items(const std::vector<ItemSpec>& specs);
 
 // Runs fn on every item on the intra-op threads, each thread claiming the next unclaimed item; ATen calls in fn see
 // the caller's thread-local state.
@@ -40,13 +51,31 @@ void run_items(const std::vector<Item>& items, const std::function<void(const It
 // Reads and validates expert_offsets int64 [E + 1] (0 = [0] <= ... <= [E] <= num_rows) on the host.
 std::vector<int64_t> read_offsets(const at::Tensor& expert_offsets, int64_t num_rows);
 
-// h_rows[r][c] = silu(a_rows[r] . gate_e[c]) * (a_rows[r] . up_e[c]) for every row r of every expert e, in dtype.
-//   a_rows [R] pointers to rows of H elements; w13 [E, 2I, H] contiguous; h_rows [R] pointers to rows of I elements.
-void swiglu_segments(const std::vector<int64_t>& offsets, const void* const* a_rows, const at::Tensor& w13,
-                     void* const* h_rows);
+// A group of SwiGLU segments: h_rows[r][c] = silu(a_rows[r] . gate_e[c]) * (a_rows[r] . up_e[c]) for the rows r of
+// each expert e (offsets [E + 1]), in the weights' dtype.
+//   a_rows [R] pointers to rows of H elements; gate, up [E, I, H] with contiguous rows (stride(2) == 1, stride(1) ==
+//   H; e.g. the two halves of HF w13 [E, 2I, H]); h_rows [R] pointers to rows of I elements.
+struct SwigluSegments {
+    std::vector<int64_t> offsets;
+    const void* const* a_rows;
+    at::Tensor gate, up;
+    void* const* h_rows;
+};
 
-// out_rows[r][n] = a_rows[r] . w_e[n] (w [E, N, K] contiguous, rows of K = depth elements) for every row.
-void gemm_segments(const std::vector<int64_t>& offsets, const void* const* a_rows, const at::Tensor& w,
-                   void* const* out_rows);
+// A group of GEMM segments: out_rows[r][n] = a_rows[r] . w_e[n] (w [E, N, K] with contiguous rows of K elements).
+struct GemmSegments {
+    std::vector<int64_t> offsets;
+    const void* const* a_rows;
+    at::Tensor w;
+    void* const* out_rows;
+};
+
+// gate, up = the halves of w13 [E, 2I, H] (contiguous).
+SwigluSegments swiglu_group(std::vector<int64_t> offsets, const void* const* a_rows, const at::Tensor& w13,
+                            void* const* h_rows);
+
+// Every group in one parallel region (the threads claim items of all groups, largest first).
+void swiglu_segments(const std::vector<SwigluSegments>& groups);
+void gemm_segments(const std::vector<GemmSegments>& groups);
 
 }  // namespace epmoe::cpu

@@ -174,4 +174,26 @@ inline void check_fused_experts_args(const at::Tensor& x, const at::Tensor& topk
                       w13.size(1) / 2, "], got ", w2.sizes());
 }
 
+// The optional shared expert of fused_experts_forward: none of shared_gate [Is, H], shared_up [Is, H], shared_down
+// [H, Is], or all three, in x's dtype and device. Returns whether they are given.
+inline bool check_shared_expert_args(const at::Tensor& x, const std::optional<at::Tensor>& gate,
+                                     const std::optional<at::Tensor>& up, const std::optional<at::Tensor>& down) {
+    const int given = gate.has_value() + up.has_value() + down.has_value();
+    TORCH_CHECK_VALUE(given == 0 || given == 3, "shared_gate, shared_up and shared_down must be given together (",
+                      given, " of 3 given)");
+    if (given == 0) return false;
+    for (const auto& [t, name] : {std::pair{&*gate, "shared_gate"}, {&*up, "shared_up"}, {&*down, "shared_down"}}) {
+        check_float(*t, name, 2);
+        check_same_dtype(*t, name, x, "x");
+        check_same_device(*t, name, x, "x");
+    }
+    TORCH_CHECK_VALUE(gate->size(1) == x.size(1), "shared_gate must have shape [I_shared, ", x.size(1),
+                      "] (H of x), got ", gate->sizes());
+    TORCH_CHECK_VALUE(up->sizes() == gate->sizes(), "shared_up must have the shape of shared_gate ", gate->sizes(),
+                      ", got ", up->sizes());
+    TORCH_CHECK_VALUE(down->size(0) == x.size(1) && down->size(1) == gate->size(0), "shared_down must have shape [",
+                      x.size(1), ", ", gate->size(0), "] (H, I_shared), got ", down->sizes());
+    return true;
+}
+
 }  // namespace epmoe::experts

@@ -48,7 +48,7 @@ at::Tensor grouped_swiglu_cpu(const at::Tensor& x, const at::Tensor& expert_offs
     auto h = at::empty({x.size(0), w13.size(1) / 2}, x.options());
     zero_rows(h, off.back());
     const std::vector<void*> x_rows = row_pointers(x, off.back()), h_rows = row_pointers(h, off.back());
-    cpu::swiglu_segments(off, x_rows.data(), w13, h_rows.data());
+    cpu::swiglu_segments({cpu::swiglu_group(off, x_rows.data(), w13, h_rows.data())});
     return h;
 }
 
@@ -60,7 +60,7 @@ at::Tensor grouped_gemm_cpu(const at::Tensor& a, const at::Tensor& expert_offset
     zero_rows(out, off.back());
     if (trans_w) {
         const std::vector<void*> a_rows = row_pointers(a, off.back()), out_rows = row_pointers(out, off.back());
-        cpu::gemm_segments(off, a_rows.data(), w, out_rows.data());
+        cpu::gemm_segments({cpu::GemmSegments{off, a_rows.data(), w, out_rows.data()}});
         return out;
     }
     cpu::run_items(cpu::make_items(off, num_cols, kRowTile, kColAlign), [&](const cpu::Item& it) {

@@ -121,8 +121,8 @@ at::Tensor moe_unpermute_cpu(const at::Tensor& rows, const at::Tensor& slot_to_r
                                                               : DType::kFloat16;
     // NOTES: ascending j, fp32, no FMA: the same order as the CUDA kernel, so both agree bitwise on fp32 sums.
     at::parallel_for(0, num_tokens, token_grain(hidden, num_topk), [&](int64_t begin, int64_t end) {
-        core::unpermute_rows(dtype, rows_ptr, hidden, s2r, /*rows_by_slot=*/false, w, static_cast<int>(num_topk), begin,
-                             end, out_ptr);
+        core::unpermute_rows(dtype, rows_ptr, hidden, s2r, /*rows_by_slot=*/false, w, static_cast<int>(num_topk),
+                             /*addend=*/nullptr, begin, end, out_ptr);
     });
     return out;
 }

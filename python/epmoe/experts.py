@@ -29,6 +29,7 @@ __all__ = [
     "grouped_gemm",
     "grouped_gemm_wgrad",
     "swiglu_backward",
+    "fused_experts_forward",
     "grouped_swiglu_experts",
     "experts_forward",
 ]
@@ -107,6 +108,28 @@ def swiglu_backward(grad_h: torch.Tensor, gu: torch.Tensor) -> torch.Tensor:
     return _ops.swiglu_backward(grad_h, gu)
 
 
+def fused_experts_forward(
+    x: torch.Tensor, topk_idx: torch.Tensor, topk_weights: torch.Tensor, w13: torch.Tensor, w2: torch.Tensor, *,
+    expert_map: torch.Tensor | None = None, shared: tuple = (),
+) -> torch.Tensor:
+    """Inference (no autograd): the routed experts as `experts_forward` computes them, plus an optional shared expert.
+
+    Arguments as in `experts_forward` (made contiguous, topk_idx int32, topk_weights float32); `shared`: () or
+    (gate [Is, H], up [Is, H], down [H, Is]) weights (HF gate_proj / up_proj / down_proj) in x.dtype, run on every
+    token. Returns [T, H] in x.dtype: the routed sum rounded to x.dtype, plus down(silu(gate(x)) * up(x)) rounded
+    to x.dtype, rounded again (what adding the two tensors does). On CPU the shared expert's GEMMs run in the same
+    parallel regions as the routed ones, and its rows are added in the combine pass.
+    """
+    if len(shared) not in (0, 3):
+        raise ValueError(f"shared must be () or (gate, up, down) weights, got {len(shared)} tensors")
+    gate, up, down = (t.contiguous() for t in shared) if shared else (None, None, None)
+    if expert_map is not None:
+        expert_map = expert_map.to(torch.int32).contiguous()
+    return _ops.fused_experts_forward(x.contiguous(), topk_idx.to(torch.int32).contiguous(),
+                                      topk_weights.to(torch.float32).contiguous(), w13.contiguous(), w2.contiguous(),
+                                      expert_map, gate, up, down)
+
+
 # ---------------------------------------------------------------------------------------------------------------
 # Fake impls (shapes never depend on data)
 
@@ -163,7 +186,8 @@ def _swiglu_backward_fake(grad_h, gu):
 
 
 @torch.library.register_fake("epmoe::fused_experts_forward")
-def _fused_experts_forward_fake(x, topk_idx, topk_weights, w13, w2, expert_map):
+def _fused_experts_forward_fake(x, topk_idx, topk_weights, w13, w2, expert_map, shared_gate=None, shared_up=None,
+                                shared_down=None):
     torch._check(x.dim() == 2, lambda: "x must be 2-D [num_tokens, hidden]")
     return torch.empty_like(x)
 

@@ -12,7 +12,7 @@ import torch.nn.functional as F
 from torch import nn
 
 from epmoe import _validate, balance, eplb, training
-from epmoe.experts import experts_forward, grouped_swiglu_experts
+from epmoe.experts import experts_forward, fused_experts_forward, grouped_swiglu_experts
 from epmoe.ops import route
 
 __all__ = ["MoEConfig", "MoE"]
@@ -475,6 +475,10 @@ class MoE(nn.Module):
         x_in = x.to(self.w13.dtype)  # the compute dtype follows the module (.to(dtype)), not a stale config
 
         if not self.distributed:
+            fused_shared = self._fused_shared_weights(x_in)
+            if fused_shared is not None:  # inference: routed and shared experts in one op
+                out = fused_experts_forward(x_in, slot_idx, topk_weights, self.w13, self.w2, shared=fused_shared)
+                return out.to(hidden_states.dtype).reshape(shape)
             routed = experts_forward(x_in, slot_idx, topk_weights, self.w13, self.w2)
             shared = self.shared_experts(x_in) if self.shared_experts is not None else None
         else:
@@ -490,6 +494,23 @@ class MoE(nn.Module):
         # In place: `routed` is a fresh tensor no autograd node saved, and a new [T, H] buffer costs page faults.
         out = routed if shared is None else routed.add_(shared)
         return out.to(hidden_states.dtype).reshape(shape)
+
+    def _fused_shared_weights(self, x: torch.Tensor) -> tuple | None:
+        """(gate, up, down) weights of the shared experts when the forward may run them inside the fused inference
+        op: no autograd wanted, and the shared experts are this layer's own plain linear layers with no hooks (so
+        nothing that wraps or observes them is bypassed). () when there are none; None otherwise."""
+        if torch.is_grad_enabled() and (x.requires_grad or self.w13.requires_grad or self.w2.requires_grad):
+            return None
+        se = self.shared_experts
+        if se is None:
+            return ()
+        linears = (se.gate_proj, se.up_proj, se.down_proj)
+        if type(se) is not _SharedExperts or se._forward_hooks or se._forward_pre_hooks:
+            return None
+        if any(type(lin) is not nn.Linear or lin.bias is not None or lin._forward_hooks or lin._forward_pre_hooks
+               or (torch.is_grad_enabled() and lin.weight.requires_grad) for lin in linears):
+            return None
+        return tuple(lin.weight for lin in linears)
 
     @classmethod
     def from_hf(cls, block: nn.Module, process_group: dist.ProcessGroup | None = None, **kwargs) -> MoE:

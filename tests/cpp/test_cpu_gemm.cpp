@@ -126,8 +126,8 @@ TEST_P(CpuGemm, ExpertSwigluMatchesNaiveOnBothPaths) {
                 Output h(m, inter, GetParam());
                 std::vector<char> scratch(core::expert_swiglu_scratch_bytes(GetParam(), m, hidden, inter) + 64);
                 void* aligned = reinterpret_cast<void*>((reinterpret_cast<uintptr_t>(scratch.data()) + 63) & ~63ul);
-                core::expert_swiglu(GetParam(), a_rows.data(), m, hidden, w13.data(), inter, 0, inter, h.rows.data(),
-                                    aligned);
+                core::expert_swiglu(GetParam(), a_rows.data(), m, hidden, w13.row(0), w13.row(inter), 0, inter,
+                                    h.rows.data(), aligned);
                 for (int64_t i = 0; i < m; ++i) {
                     for (int64_t c = 0; c < inter; ++c) {
                         const double g = dot(a, i, w13, c), u = dot(a, i, w13, inter + c);
@@ -180,9 +180,9 @@ TEST(UnpermuteRows, AscendingSlotsSeparateMultiplyAndAdd) {
     const std::vector<int32_t> slot_to_row = {0, 1, 2, 3, -1, 5};
     const std::vector<float> w = {0.3f, 0.7f, 1.1f, 0.2f, 9.0f, 0.5f};
     std::vector<float> out(2 * hidden), out_by_slot(2 * hidden);
-    core::unpermute_rows(DType::kFloat32, rows.data(), hidden, slot_to_row.data(), false, w.data(), 3, 0, 2,
+    core::unpermute_rows(DType::kFloat32, rows.data(), hidden, slot_to_row.data(), false, w.data(), 3, nullptr, 0, 2,
                          out.data());
-    core::unpermute_rows(DType::kFloat32, rows.data(), hidden, slot_to_row.data(), true, w.data(), 3, 0, 2,
+    core::unpermute_rows(DType::kFloat32, rows.data(), hidden, slot_to_row.data(), true, w.data(), 3, nullptr, 0, 2,
                          out_by_slot.data());
     for (int64_t t = 0; t < 2; ++t) {
         for (int64_t h = 0; h < hidden; ++h) {
@@ -197,6 +197,32 @@ TEST(UnpermuteRows, AscendingSlotsSeparateMultiplyAndAdd) {
             EXPECT_EQ(out_by_slot[t * hidden + h], acc);
         }
     }
+}
+
+TEST(UnpermuteRows, AddendIsAddedToTheRoundedSum) {
+    // bf16: out = bf16(float(bf16(sum)) + float(addend)), the two roundings of adding two bf16 tensors.
+    const int64_t hidden = 3;
+    const float values[] = {1.0f, 1.0f / 256.0f, 3.0f, 1.5f, 0.0078125f, -2.0f};  // 2 rows (slots of token 0)
+    std::vector<uint16_t> rows, addend = {core::float_to_bf16(1.0f / 512.0f), core::float_to_bf16(0.5f),
+                                          core::float_to_bf16(-1.0f)};
+    for (float v : values) rows.push_back(core::float_to_bf16(v));
+    const std::vector<int32_t> slot_to_row = {0, 1};
+    const std::vector<float> w = {1.0f, 1.0f};
+    std::vector<uint16_t> out(hidden);
+    core::unpermute_rows(DType::kBFloat16, rows.data(), hidden, slot_to_row.data(), false, w.data(), 2,
+                         addend.data(), 0, 1, out.data());
+    for (int64_t h = 0; h < hidden; ++h) {
+        const float sum = core::bf16_to_float(rows[h]) + core::bf16_to_float(rows[hidden + h]);
+        const float expected = core::bf16_to_float(core::float_to_bf16(
+            core::bf16_to_float(core::float_to_bf16(sum)) + core::bf16_to_float(addend[h])));
+        EXPECT_EQ(core::bf16_to_float(out[h]), expected) << h;
+    }
+    // fp32: one more addition.
+    const std::vector<float> rows32 = {0.25f, 3.0f}, addend32 = {1e-8f};
+    float out32 = 0.0f;
+    core::unpermute_rows(DType::kFloat32, rows32.data(), 1, slot_to_row.data(), false, w.data(), 2, addend32.data(),
+                         0, 1, &out32);
+    EXPECT_EQ(out32, (0.25f + 3.0f) + 1e-8f);
 }
 
 TEST(CpuPeak, CountsFlops) {

@@ -222,3 +222,60 @@ def test_cpu_peak_probe():
         assert peak > 1.0
     with pytest.raises(ValueError, match="kind must be"):
         _ops.cpu_peak_gflops("int8", 0.01)
+
+
+def make_shared(hidden, shared_inter, dtype, seed=31):
+    gen = torch.Generator().manual_seed(seed)
+    gate, up = ((torch.randn(shared_inter, hidden, generator=gen) * hidden**-0.5).to(dtype) for _ in range(2))
+    down = (torch.randn(hidden, shared_inter, generator=gen) * shared_inter**-0.5).to(dtype)
+    return gate, up, down
+
+
+@pytest.mark.parametrize("dtype", [torch.float32, torch.bfloat16])
+@pytest.mark.parametrize("num_tokens", [0, 1, 7, 150])
+def test_fused_forward_shared_expert(backend, dtype, num_tokens, monkeypatch):
+    """With a shared expert: the routed result plus the shared expert run as a one-slot routed expert (weight 1, so
+    its sum is its row), added as two x.dtype tensors add -- bitwise with the native kernels (at::mm's result may
+    depend on its shape: one GEMM over gate|up there, two here); and close to the dense torch MLP."""
+    use_backend(backend, dtype, monkeypatch)
+    x, ids, weights, w13, w2 = make_problem(num_tokens, 6, 10, 64, 40, dtype, seed=4)
+    gate, up, down = make_shared(64, 56, dtype)
+    fused = _ops.fused_experts_forward(x, ids, weights, w13, w2, None, gate, up, down)
+    routed = _ops.fused_experts_forward(x, ids, weights, w13, w2, None)
+    one_slot = torch.zeros(num_tokens, 1, dtype=torch.int32)
+    shared = _ops.fused_experts_forward(x, one_slot, torch.ones(num_tokens, 1), torch.cat([gate, up])[None],
+                                        down[None], None)
+    assert fused.dtype == dtype
+    if backend == "native":
+        assert torch.equal(fused, routed + shared)
+    else:
+        torch.testing.assert_close(fused, routed + shared, **TOL[dtype])
+    dense = F.linear(F.silu(F.linear(x.float(), gate.float())) * F.linear(x.float(), up.float()), down.float())
+    torch.testing.assert_close(shared.float(), dense, **TOL[dtype])
+    assert torch.equal(epmoe.experts.fused_experts_forward(x, ids, weights, w13, w2, shared=(gate, up, down)), fused)
+
+
+def test_fused_forward_shared_expert_is_batch_invariant(monkeypatch):
+    use_backend("native", torch.float32, monkeypatch)
+    x, ids, weights, w13, w2 = make_problem(120, 2, 3, 48, 40, torch.float32, seed=22, skip_frac=0.0)
+    shared = make_shared(48, 24, torch.float32)
+    batch = _ops.fused_experts_forward(x, ids, weights, w13, w2, None, *shared)
+    for t in (0, 119):
+        alone = _ops.fused_experts_forward(x[t:t + 1], ids[t:t + 1], weights[t:t + 1], w13, w2, None, *shared)
+        assert torch.equal(alone[0], batch[t]), t
+
+
+def test_fused_forward_shared_expert_bad_input():
+    x, ids, weights, w13, w2 = make_problem(12, 2, 3, 16, 8, torch.float32, seed=1)
+    gate, up, down = make_shared(16, 12, torch.float32)
+    torch.library.opcheck(_ops.fused_experts_forward, (x, ids, weights, w13, w2, None, gate, up, down))
+    with pytest.raises(ValueError, match="must be given together"):
+        _ops.fused_experts_forward(x, ids, weights, w13, w2, None, gate, up, None)
+    with pytest.raises(ValueError, match="shared_down must have shape"):
+        _ops.fused_experts_forward(x, ids, weights, w13, w2, None, gate, up, down[:, :5].contiguous())
+    with pytest.raises(ValueError, match="shared_gate must have shape"):
+        _ops.fused_experts_forward(x, ids, weights, w13, w2, None, gate[:, :8].contiguous(), up, down)
+    with pytest.raises(TypeError, match="shared_up must have the dtype of x"):
+        _ops.fused_experts_forward(x, ids, weights, w13, w2, None, gate, up.half(), down)
+    with pytest.raises(ValueError, match="shared must be"):
+        epmoe.experts.fused_experts_forward(x, ids, weights, w13, w2, shared=(gate, up))

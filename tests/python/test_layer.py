@@ -120,6 +120,37 @@ def test_layer_single_process_matches_reference():
     assert _forward_backward(0, 1, redundant=0)
 
 
+@pytest.mark.parametrize("dtype", [torch.float32, torch.bfloat16])
+def test_layer_inference_runs_the_shared_expert_in_the_fused_op(dtype):
+    """Under no_grad the single-process layer runs routed and shared experts in one op: equal to the fused routed op
+    plus the shared expert as a one-slot routed expert, close to the reference; a hook on the shared experts (or a
+    wrapped projection) keeps the module call, so it still fires."""
+    cfg = small_config(dtype=dtype)
+    weights = full_weights(cfg)
+    moe = build_layer(cfg, weights).eval()
+    x = tokens(0, 40).to(dtype)
+    with torch.no_grad():
+        out = moe(x)
+        topk_weights, topk_idx = moe.route(x)
+        slot_idx = epmoe.eplb.map_to_physical(topk_idx, moe.placement, 0, token_offset=0)
+        routed = epmoe.experts_forward(x, slot_idx, topk_weights, moe.w13, moe.w2)
+        se = moe.shared_experts
+        w13_shared = torch.cat([se.gate_proj.weight, se.up_proj.weight])[None]
+        shared = epmoe.experts_forward(x, torch.zeros(40, 1, dtype=torch.int32), torch.ones(40, 1), w13_shared,
+                                       se.down_proj.weight[None])
+    assert out.dtype == dtype and torch.equal(out, routed + shared)
+    tol = dict(rtol=1e-5, atol=1e-5) if dtype == torch.float32 else dict(rtol=3e-2, atol=3e-2)
+    torch.testing.assert_close(out.float(), moe(x).detach().float(), **tol)  # the autograd path
+    torch.testing.assert_close(out.float(), reference_layer(cfg, weights, x.float()), **tol)
+    calls = []
+    handle = se.register_forward_hook(lambda *args: calls.append(1))
+    with torch.no_grad():
+        hooked = moe(x)
+    handle.remove()
+    assert calls == [1]
+    torch.testing.assert_close(hooked.float(), out.float(), **tol)
+
+
 @pytest.mark.parametrize("world,redundant", [(2, 0), (2, 2), (4, 4)])
 def test_layer_ep_matches_reference(world, redundant):
     results = run_ranks(_forward_backward, world, redundant, timeout=120)

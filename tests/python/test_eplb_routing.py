@@ -124,6 +124,31 @@ def test_count_slots_op():
         torch.ops.epmoe.count_slots(counts.int(), slot_idx)
 
 
+@pytest.mark.parametrize("threads", [1, 2, 3])
+def test_count_slots_large_batches_any_thread_count(threads):
+    """Batches large enough for the multi-chunk pass: equal to bincount whatever the thread count; a bad id anywhere
+    (e.g. in the last chunk, or -2) is reported, and the valid ids of the call are still counted."""
+    gen = torch.Generator().manual_seed(4)
+    slot_idx = torch.randint(-1, 300, (8191, 8), generator=gen, dtype=torch.int32)
+    valid = slot_idx[slot_idx >= 0].long()
+    before = torch.get_num_threads()
+    torch.set_num_threads(threads)
+    try:
+        counts = torch.ones(300, dtype=torch.int64)
+        torch.ops.epmoe.count_slots(counts, slot_idx)
+        assert torch.equal(counts, torch.bincount(valid, minlength=300) + 1)
+        for bad in (300, -2):
+            bad_idx = slot_idx.clone()
+            bad_idx[-1, -1] = bad
+            counts = torch.zeros(300, dtype=torch.int64)
+            with pytest.raises(ValueError, match="outside"):
+                torch.ops.epmoe.count_slots(counts, bad_idx)
+            kept = bad_idx[bad_idx >= 0]
+            assert torch.equal(counts, torch.bincount(kept[kept < 300].long(), minlength=300))
+    finally:
+        torch.set_num_threads(before)
+
+
 @pytest.mark.cuda
 def test_count_slots_cuda_matches_cpu():
     gen = torch.Generator().manual_seed(3)

@@ -33,6 +33,9 @@ class LoadRecorder:
         self.device = torch.device(device if device is not None else "cpu")
         # Ring of window_size + 1 steps: the one at _cursor is the step in progress, counted into directly.
         self._window = torch.zeros(window_size + 1, num_layers, num_slots, dtype=torch.int64, device=self.device)
+        # Views of every step (and step x layer) made once: a view per call costs more than the count of a batch.
+        self._steps = list(self._window.unbind(0))
+        self._rows = [list(step.unbind(0)) for step in self._steps]
         self._cursor = 0
         self.num_steps = 0
 
@@ -48,16 +51,18 @@ class LoadRecorder:
             raise ValueError(f"layer must lie in [0, {self.num_layers}), got {layer}")
         v.check_tensor("phys_idx", phys_idx, dtypes=v.INDEX_DTYPES, dim=2, layout="[num_tokens, top_k]",
                        device=self.device, like="the recorder")
+        if phys_idx.dtype != torch.int32 or not phys_idx.is_contiguous():
+            phys_idx = phys_idx.to(torch.int32).contiguous()
         # A fused counting op (CPU loop / CUDA shared-memory histogram): no sync, no temporaries.
         try:
-            torch.ops.epmoe.count_slots(self._window[self._cursor, layer], phys_idx.to(torch.int32).contiguous())
+            torch.ops.epmoe.count_slots(self._rows[self._cursor][layer], phys_idx)
         except ValueError as exc:  # the op checks the ids in the same pass (no extra cost when they are valid)
             raise ValueError(f"phys_idx values must lie in [-1, {self.num_slots}) (num_slots): {exc}") from exc
 
     def step(self) -> None:
         """Closes the current step; the next one overwrites the oldest step of the window."""
         self._cursor = (self._cursor + 1) % (self.window_size + 1)
-        self._window[self._cursor].zero_()
+        self._steps[self._cursor].zero_()
         self.num_steps += 1
 
     def reset(self) -> None:

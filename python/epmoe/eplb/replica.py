@@ -13,7 +13,8 @@
   replica of its position among the group's pairs of its expert (ranks in group order, then flat order
   t * k + j). Deterministic and identical on every rank for identical inputs; per-rank loads are the optimum.
 
-"hash" and "weighted" are only int64 torch ops; "balanced" is one fused op (CPU and CUDA). None syncs the host.
+"hash" is one fused op (`torch.ops.epmoe.replica_hash`, the integers of `hash32`), "weighted" int64 torch ops,
+"balanced" one fused op; all run on CPU and CUDA. None syncs the host.
 """
 
 from __future__ import annotations
@@ -47,6 +48,11 @@ def hash32(token_idx: torch.Tensor, slot_idx: torch.Tensor, layer: int) -> torch
     """int64 values in [0, 2^32) from (global token index, top-k position, layer); broadcasts its tensor inputs."""
     salt = _mix32((slot_idx.to(torch.int64) * _GOLDEN + (layer & 0xFFFF) * 0x10001 + 1) & _MASK32)
     return _mix32((token_idx.to(torch.int64) & _MASK32) ^ salt)
+
+
+@torch.library.register_fake("epmoe::replica_hash")
+def _replica_hash_fake(topk_idx, log2phy, logcnt, token_offset, layer):
+    return torch.empty_like(topk_idx)
 
 
 @torch.library.register_fake("epmoe::balance_replicas")
@@ -158,19 +164,18 @@ def map_to_physical(topk_idx: torch.Tensor, placement, layer: int, token_offset:
         counts, prefix = group_counts(topk_idx, placement.num_experts, group)
         return torch.ops.epmoe.balance_replicas(topk_idx.contiguous(), log2phy, logcnt, counts, prefix,
                                                 placement.num_slots, placement.num_ranks)
+    if policy == "hash":  # one op: multiply-shift of hash32 by the replica count, then the slot lookup
+        return torch.ops.epmoe.replica_hash(topk_idx.contiguous(), log2phy.to(torch.int64).contiguous(),
+                                            logcnt.to(torch.int64).contiguous(), int(token_offset), int(layer))
     num_tokens, num_topk = topk_idx.shape
     valid = topk_idx >= 0
     expert = torch.where(valid, topk_idx, torch.zeros_like(topk_idx)).to(torch.int64)
     token = torch.arange(num_tokens, device=topk_idx.device, dtype=torch.int64)[:, None] + token_offset
     slot = torch.arange(num_topk, device=topk_idx.device, dtype=torch.int64)[None, :]
     h = hash32(token, slot, layer)
-    if policy == "hash":
-        count = logcnt.to(torch.int64)[expert]
-        replica = (h * count) >> 32  # multiply-shift: uniform in [0, count)
-    else:
-        thresholds = maps.thresholds()
-        replica = torch.zeros_like(h)
-        for i in range(thresholds.shape[1]):
-            replica += h >= thresholds[:, i][expert]
+    thresholds = maps.thresholds()
+    replica = torch.zeros_like(h)
+    for i in range(thresholds.shape[1]):
+        replica += h >= thresholds[:, i][expert]
     phys = log2phy[expert, replica]
     return torch.where(valid, phys.to(topk_idx.dtype), topk_idx)

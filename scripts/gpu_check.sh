@@ -186,14 +186,14 @@ cpp_tests() {  # cpp_tests [ARGS...]: the GoogleTest binary, which exists only w
     fi
     EPMOE_REQUIRE_CUDA=1 "$CPP_TESTS" "$@"  # a CUDA gtest without a device fails instead of skipping
 }
-sanitize() {  # sanitize TOOL COMMAND...
+sanitize() {  # sanitize TOOL COMMAND...: a CUDA test that cannot see the GPU under the sanitizer fails, never skips
     local tool="$1"
     shift
     if [ -z "$SANITIZER" ]; then
         echo "compute-sanitizer not found"
         return 1
     fi
-    PYTORCH_NO_CUDA_MEMORY_CACHING=1 "$SANITIZER" --tool "$tool" --error-exitcode 1 --print-limit 20 \
+    EPMOE_REQUIRE_CUDA=1 PYTORCH_NO_CUDA_MEMORY_CACHING=1 "$SANITIZER" --tool "$tool" --error-exitcode 1 --print-limit 20 \
         --target-processes all "$@"
 }
 sanitize_cpp() {  # sanitize_cpp TOOL: the CUDA gtests under compute-sanitizer

@@ -11,6 +11,7 @@ rank's slots (one read per distinct expert; a replica slot copies it), rows of t
 from __future__ import annotations
 
 import logging
+import os
 import re
 import time
 from dataclasses import dataclass, field
@@ -46,6 +47,11 @@ def _ep_group(process_group):
     if process_group is not None or (dist.is_available() and dist.is_initialized()):
         group = process_group if process_group is not None else dist.group.WORLD
         return group, dist.get_rank(group), dist.get_world_size(group)
+    launched = os.environ.get("WORLD_SIZE", "1")
+    if launched.isdigit() and int(launched) > 1:  # torchrun started several ranks, each about to load everything
+        logger.warning("from_pretrained: WORLD_SIZE=%s but torch.distributed is not initialised, so this process "
+                       "loads every expert (EP size 1); call torch.distributed.init_process_group() first to load "
+                       "expert-parallel", launched)
     return None, 0, 1
 
 

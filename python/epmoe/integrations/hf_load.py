@@ -267,6 +267,9 @@ def _plan_experts(name: str, block_type: str, moe: MoE, files: CheckpointFiles) 
         plan.slots_of.setdefault(expert, []).append(slot)
     for prefix in names.prefixes:
         gate_up, down = names.fused(prefix)
+        if (gate_up in files) != (down in files):
+            present, absent = (gate_up, down) if gate_up in files else (down, gate_up)
+            raise ValueError(f"checkpoint has the fused expert tensor {present!r} but lacks {absent!r}")
         if gate_up in files and down in files:
             _check_shape(files, gate_up, (num_experts, 2 * inter, hidden))
             _check_shape(files, down, (num_experts, hidden, inter))

@@ -190,9 +190,9 @@ class MoE(nn.Module):
     forward(hidden_states [..., H]) -> [..., H] in hidden_states.dtype.
     """
 
-    def __init__(self, config: MoEConfig, process_group: dist.ProcessGroup | None = None, *, layer_idx: int = 0,
-                 device: torch.device | str | None = None, placement: eplb.Placement | None = None,
-                 dp_group: dist.ProcessGroup | None = None):
+    def __init__(self, config: MoEConfig, process_group: dist.ProcessGroup | None = None,
+                 device: torch.device | str | None = None, *, layer_idx: int = 0,
+                 placement: eplb.Placement | None = None, dp_group: dist.ProcessGroup | None = None):
         super().__init__()
         self.distributed = process_group is not None or (dist.is_available() and dist.is_initialized())
         if self.distributed:

@@ -323,3 +323,12 @@ def test_imports_have_no_cycle():
         "assert save_pretrained is hf_save.save_pretrained and from_pretrained.__module__.endswith('hf_load')\n"
     )
     subprocess.run([sys.executable, "-c", code], check=True, env=dict(os.environ))
+    # The integration first: its lazy names resolve, and the layer's from_hf reaches it.
+    code = (
+        "import epmoe.integrations.transformers as t\n"
+        "from epmoe.integrations import hf_load, hf_save\n"
+        "assert t.from_pretrained is hf_load.from_pretrained and t.save_pretrained is hf_save.save_pretrained\n"
+        "import epmoe\n"
+        "assert epmoe.MoE is t.MoE\n"
+    )
+    subprocess.run([sys.executable, "-c", code], check=True, env=dict(os.environ))

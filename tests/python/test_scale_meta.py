@@ -34,8 +34,9 @@ def test_meta_build_draws_nothing_and_matches_eager_after_to_empty():
     with torch.device("meta"):
         meta_ctx = MoE(cfg)
     meta_arg = MoE(cfg, device="meta")
+    meta_positional = MoE(cfg, None, "meta")  # MoE(cfg, process_group, device)
     assert torch.equal(torch.get_rng_state(), state)  # no RNG drawn on meta
-    for meta in (meta_ctx, meta_arg):
+    for meta in (meta_ctx, meta_arg, meta_positional):
         assert all(t.is_meta for t in [*meta.parameters(), *meta.buffers()])
         torch.manual_seed(7)
         meta.to_empty(device="cpu")

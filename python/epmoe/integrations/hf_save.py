@@ -4,7 +4,8 @@ Every rank writes its own shard files, nobody gathers the model: EP rank 0 write
 tensors (each once; tied weights once, under the name transformers keeps) and the index; every rank writes the
 logical experts whose first replica it holds, in the hub's per-expert layout (what transformers' own
 `save_pretrained` writes and what its loader merges into the fused in-memory experts). Shards are named
-`model-0000i-of-0000N.safetensors` over all ranks (`model.safetensors` when there is one).
+`model-0000i-of-0000N.safetensors` over all ranks (`model.safetensors` when there is one); the index
+`model.safetensors.index.json` is always written.
 """
 
 from __future__ import annotations
@@ -201,7 +202,7 @@ def save_pretrained(model: nn.Module, path, *, max_shard_size: int | str = "5GB"
     maps = _all_gather((weight_map, total_size), group)
     error = None
     try:
-        if rank == 0 and total > 1:
+        if rank == 0:  # also for a single file: every save has the index, whatever the EP size
             merged: dict[str, str] = {}
             for part, _ in maps:
                 merged.update(part)

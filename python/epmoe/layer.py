@@ -459,6 +459,8 @@ class MoE(nn.Module):
                                like="the layer's parameters")
         shape = hidden_states.shape
         x = hidden_states.reshape(-1, cfg.hidden_size)
+        if torch.is_grad_enabled():
+            self._grad_forward = True  # a backward may follow: sync_grads treats changed gradients as new ones
         logits = self.router_logits(x)
         topk_weights, topk_idx = self.route(x, logits)
         # Balance losses and the bias-update counts see training forwards only (epmoe.balance).

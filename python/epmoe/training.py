@@ -9,6 +9,8 @@ Invariants:
 - Weights, their `.grad` and every per-slot optimizer state tensor move together, atomically per layer
   (`eplb.rearrange`, checksummed), and only at safe points: in `sync_grads` (automatic `eplb_interval`),
   `MoE.rebalance`, `MoE.apply_placement` and `rebalance_model` - never between a forward and its backward.
+- Gradients count as new (to be reduced) only after a grad-mode forward (or routing) of the layer since the last
+  sync or move: edits in place after `sync_grads` (unscaling, clipping) are never reduced a second time.
 - Every layer collective starts with a header exchange (operation, number of layers, per-layer call counter,
   placement digest) over the EP group and then the DP group; ranks that disagree (one skipped a call, one
   rebalanced alone) raise RuntimeError on every rank naming both sides, instead of mixing data.

@@ -10,7 +10,6 @@ rank's slots (one read per distinct expert; a replica slot copies it), rows of t
 
 from __future__ import annotations
 
-import logging
 import re
 import time
 from dataclasses import dataclass, field
@@ -21,6 +20,7 @@ import torch.distributed as dist
 from torch import nn
 
 from epmoe import eplb, training
+from epmoe._logging import get_logger
 from epmoe.integrations.hf_checkpoint import (
     REPLICATED_NAMES,
     CheckpointFiles,
@@ -34,7 +34,7 @@ from epmoe.layer import MoE, placement_row
 
 __all__ = ["from_pretrained", "find_moe_blocks", "load_placement"]
 
-logger = logging.getLogger("epmoe.integrations.transformers")
+logger = get_logger("epmoe.integrations.transformers")  # rank-prefixed records
 
 _MOE_LIKE = re.compile(r"(MoE|Moe|MoeBlock|SparseMoeBlock)$")
 _LAYER_INDEX = re.compile(r"\.layers\.(\d+)\.")

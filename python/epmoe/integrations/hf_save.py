@@ -17,6 +17,7 @@ import torch
 import torch.distributed as dist
 from torch import nn
 
+from epmoe._logging import get_logger
 from epmoe.integrations.hf_checkpoint import (
     INDEX_NAME,
     REPLICATED_NAMES,
@@ -26,6 +27,8 @@ from epmoe.integrations.hf_checkpoint import (
 )
 from epmoe.integrations.hf_load import raise_on_every_rank
 from epmoe.layer import MoE
+
+logger = get_logger("epmoe.integrations.transformers")
 
 __all__ = ["save_pretrained"]
 
@@ -208,6 +211,8 @@ def save_pretrained(model: nn.Module, path, *, max_shard_size: int | str = "5GB"
     except Exception as exc:  # noqa: BLE001
         error = exc
     raise_on_every_rank(error, group, "save_pretrained")  # the index is written when any rank returns
+    logger.info("save_pretrained %s: this rank wrote %d file(s), %d tensors, %.3f GB", folder, len(files),
+                len(weight_map), total_size / 1e9)
 
 
 def _group_of(model: nn.Module):

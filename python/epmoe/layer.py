@@ -439,6 +439,8 @@ class MoE(nn.Module):
     def router_logits(self, x: torch.Tensor) -> torch.Tensor:
         """x [T, H] -> router logits float32 [T, E]: the gate GEMM in fp32 whatever the weights' dtype (the
         `router_logits_probe` module, if set, sees them: transformers' `output_router_logits` records them there)."""
+        if torch.is_grad_enabled():
+            self._grad_forward = True  # a backward may follow: sync_grads treats changed gradients as new ones
         logits = F.linear(x.float(), self.gate_weight.float())
         return logits if self.router_logits_probe is None else self.router_logits_probe(logits)
 

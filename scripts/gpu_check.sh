@@ -5,7 +5,8 @@
 #   scripts/gpu_check.sh --dry-run OUT    here, without a GPU: every part that needs none (the same functions and
 #                                         steps; the GPU steps are reported "skipped (dry run)")
 #   scripts/gpu_check.sh --prepare DIR    copy a GoogleTest source tree (e.g. /usr/src/googletest) to
-#                                         third_party/googletest-src, an ignored folder that a device run carries
+#                                         third_party/googletest-src: git ignores it, so a remote run must carry it
+#                                         explicitly (the device tool: carry=["third_party/googletest-src"])
 #   --only STEP,STEP  (before OUT)        run only these steps (a rerun on a machine that kept build/gpu); the
 #                                         others are "skipped" and count as met dependencies
 #
@@ -28,7 +29,8 @@ prepare() {
     mkdir -p "$dst"
     cp -r "$src/." "$dst/"
     git -C "$ROOT" check-ignore -q "$dst" || { echo "gpu_check: $dst is not ignored by git" >&2; exit 2; }
-    echo "copied $src to $dst ($(du -sh "$dst" | cut -f1)); name third_party/googletest-src in the device run's carry"
+    echo "copied $src to $dst ($(du -sh "$dst" | cut -f1)); it is git-ignored: a device run must carry it," \
+        "carry=[\"third_party/googletest-src\"]"
 }
 
 DRY_RUN=0
@@ -150,14 +152,24 @@ gtest_fallback() {
     }
 }
 
+# The test files that hold CUDA-marked tests: only these are collected, so that a CPU test module that does not
+# import with the GPU machine's own package versions (torch, transformers) cannot abort the CUDA run.
+CUDA_TEST_FILES="$(grep -lE 'mark\.(cuda|multigpu)' tests/python/test_*.py | tr '\n' ' ')"
+
 # Collection of the CUDA tests with the GPU requirement on (collection never runs them).
 collect_cuda() {
-    EPMOE_REQUIRE_CUDA=1 "$PY" -m pytest -q -p no:cacheprovider --collect-only -m cuda tests/python
+    EPMOE_REQUIRE_CUDA=1 "$PY" -m pytest -q -p no:cacheprovider --collect-only -m cuda $CUDA_TEST_FILES
 }
 
-# Argument parsing and imports of every GPU-step script; the benchmarks with PYTHONPATH unset.
+# The GPU benchmark commands (their --out is added per use): the same strings run on the GPU and in the dry run.
+BENCH_ROUTE="benchmarks/bench_route.py --gpu-only --quick"
+BENCH_EXPERTS="benchmarks/bench_experts_gpu.py --quick"
+
+# Argument parsing and imports of every GPU-step script: each benchmark with its GPU step's arguments, PYTHONPATH
+# unset and no GPU visible (so it measures nothing), then the NCCL and capture steps in dry-run mode.
 scripts_args() {
-    "$PY" scripts/gpu_check_steps.py bench-args benchmarks/bench_route.py benchmarks/bench_experts_gpu.py &&
+    "$PY" scripts/gpu_check_steps.py bench-args "$BENCH_ROUTE --out $WORK/bench_route.json" \
+        "$BENCH_EXPERTS --out $WORK/bench_experts_gpu.json" &&
         "$PY" scripts/gpu_check_steps.py nccl "$WORK/nccl.json" --dry-run &&
         "$PY" scripts/gpu_check_steps.py capture "$WORK/capture.json" --dry-run
 }
@@ -174,21 +186,21 @@ cpp_tests() {  # cpp_tests [ARGS...]: the GoogleTest binary, which exists only w
     fi
     EPMOE_REQUIRE_CUDA=1 "$CPP_TESTS" "$@"  # a CUDA gtest without a device fails instead of skipping
 }
-sanitize() {  # sanitize TOOL COMMAND...
+sanitize() {  # sanitize TOOL COMMAND...: a CUDA test that cannot see the GPU under the sanitizer fails, never skips
     local tool="$1"
     shift
     if [ -z "$SANITIZER" ]; then
         echo "compute-sanitizer not found"
         return 1
     fi
-    PYTORCH_NO_CUDA_MEMORY_CACHING=1 "$SANITIZER" --tool "$tool" --error-exitcode 1 --print-limit 20 \
+    EPMOE_REQUIRE_CUDA=1 PYTORCH_NO_CUDA_MEMORY_CACHING=1 "$SANITIZER" --tool "$tool" --error-exitcode 1 --print-limit 20 \
         --target-processes all "$@"
 }
 sanitize_cpp() {  # sanitize_cpp TOOL: the CUDA gtests under compute-sanitizer
     cpp_tests --gtest_list_tests > /dev/null || return 1
     EPMOE_REQUIRE_CUDA=1 sanitize "$1" "$CPP_TESTS" --gtest_filter='*Cuda*'
 }
-export ROOT OUT WORK PY DRY_RUN DRY_FLAG SANITIZER CPP_TESTS
+export ROOT OUT WORK PY DRY_RUN DRY_FLAG SANITIZER CPP_TESTS BENCH_ROUTE BENCH_EXPERTS CUDA_TEST_FILES
 export -f preflight gtest_fallback collect_cuda scripts_args build cpp_tests sanitize sanitize_cpp
 
 # The CUDA pytest file under the sanitizers, without its two largest cases (budget).
@@ -203,7 +215,8 @@ if [ "$DRY_RUN" = 1 ]; then
     step scripts_args   60  preflight  0 scripts_args
 fi
 step build          150 preflight  1 build
-step pytest_cuda    55  build      1 env EPMOE_REQUIRE_CUDA=1 "$PY" -m pytest -q -p no:cacheprovider -m cuda tests/python
+step pytest_cuda    55  build      1 env EPMOE_REQUIRE_CUDA=1 "$PY" -m pytest -q -p no:cacheprovider -m cuda \
+    $CUDA_TEST_FILES
 step cpp_tests      15  build      1 cpp_tests
 step memcheck_cpp   40  build      1 sanitize_cpp memcheck
 step racecheck_cpp  40  build      1 sanitize_cpp racecheck
@@ -211,7 +224,7 @@ step memcheck_py    55  build      1 sanitize memcheck "$PY" "${SANITIZED_PYTEST
 step racecheck_py   45  build      1 sanitize racecheck "$PY" "${SANITIZED_PYTEST[@]}"
 step nccl           40  build      1 "$PY" scripts/gpu_check_steps.py nccl "$OUT/nccl.json"
 step capture        25  build      1 "$PY" scripts/gpu_check_steps.py capture "$OUT/capture.json"
-step bench_route    15  build      1 "$PY" benchmarks/bench_route.py --gpu-only --quick --out "$OUT/bench_route.json"
-step bench_experts  40  build      1 "$PY" benchmarks/bench_experts_gpu.py --quick --out "$OUT/bench_experts_gpu.json"
+step bench_route    15  build      1 "$PY" $BENCH_ROUTE --out "$OUT/bench_route.json"
+step bench_experts  40  build      1 "$PY" $BENCH_EXPERTS --out "$OUT/bench_experts_gpu.json"
 
 "$PY" scripts/gpu_check_steps.py summary "$WORK" "$OUT" $DRY_FLAG

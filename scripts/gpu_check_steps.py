@@ -5,8 +5,10 @@ non-zero when a required item fails; `--dry-run` runs everything that needs no G
   nccl OUT_JSON [--dry-run]         dispatch/combine over NCCL on 2 processes on GPU 0 when NCCL allows two ranks per
                                     device, else on a world of one; exact and capacity mode against the gloo path
   capture OUT_JSON [--dry-run]      CUDA-graph capture of one whole MoE layer forward in capacity mode (world of one)
-  bench-args SCRIPT...              each benchmark's argument parsing and imports, run with PYTHONPATH unset: the
-                                    script itself must put python/ on sys.path and import epmoe from this tree
+  bench-args "SCRIPT ARGS"...       each benchmark run as `python SCRIPT ARGS` would run it, with PYTHONPATH unset
+                                    and no GPU visible (a GPU benchmark then measures nothing): its argument parsing
+                                    and imports; the script itself must put python/ on sys.path and import epmoe
+                                    from this tree
   summary WORK OUT [--dry-run]      steps.tsv + logs -> summary.json, summary.txt (one screen), steps.log
 """
 
@@ -16,6 +18,7 @@ import argparse
 import json
 import os
 import re
+import shlex
 import shutil
 import subprocess
 import sys
@@ -234,10 +237,13 @@ def capture(out_json: str, dry_run: bool) -> int:
 # ---------------------------------------------------------------------------------------------------------------
 # benchmark arguments and imports
 
+# `python SCRIPT ARGS` without the interpreter's own path setup: sys.path[0] is the script's folder, as for a script
+# run by path (so its sibling modules import), and nothing else of this checkout.
 _BENCH_PROBE = """
-import runpy, sys
-path, root = sys.argv[1], sys.argv[2]
-sys.argv = [path, "--help"]
+import os, runpy, sys
+root, path = sys.argv[1], sys.argv[2]
+sys.argv = sys.argv[2:]
+sys.path[0] = os.path.dirname(os.path.abspath(path))
 try:
     runpy.run_path(path, run_name="__main__")
 except SystemExit as exc:
@@ -245,16 +251,17 @@ except SystemExit as exc:
         raise
 import epmoe
 assert epmoe.__file__.startswith(root + "/python/"), f"{path} imported epmoe from {epmoe.__file__}"
-print(f"{path}: arguments and imports ok (epmoe from {epmoe.__file__})")
+print(f"{' '.join(sys.argv)}: arguments and imports ok (epmoe from {epmoe.__file__})")
 """
 
 
-def bench_args(scripts: list[str]) -> int:
+def bench_args(commands: list[str]) -> int:
     env = {k: v for k, v in os.environ.items() if k != "PYTHONPATH"}
+    env["CUDA_VISIBLE_DEVICES"] = ""  # measures nothing, also where a GPU is present
     failed = 0
-    for script in scripts:
-        proc = subprocess.run([sys.executable, "-c", _BENCH_PROBE, script, str(ROOT)], env=env, cwd=ROOT,
-                              capture_output=True, text=True, timeout=120)  # fmt: skip
+    for command in commands:
+        proc = subprocess.run([sys.executable, "-c", _BENCH_PROBE, str(ROOT), *shlex.split(command)], env=env,
+                              cwd=ROOT, capture_output=True, text=True, timeout=120)  # fmt: skip
         print(proc.stdout[-2000:] + proc.stderr[-4000:], end="")
         failed += proc.returncode != 0
     return 1 if failed else 0

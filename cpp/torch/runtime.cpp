@@ -330,6 +330,10 @@ class Runtime {
                                                     "source-destination rank pair); none was given");
             TORCH_CHECK_VALUE(*capacity >= 0 && *capacity < (int64_t{1} << 31),
                               "capacity must be in [0, 2^31) rows per rank pair, got ", *capacity);
+            // Received (row, slot) pairs are int32-indexed (layout, slot_to_row, the device wire rows).
+            TORCH_CHECK_VALUE(*capacity * num_ranks_ * topk_idx.size(1) < (int64_t{1} << 31),
+                              "capacity * EP size * top_k must be < 2^31 (received slots are int32-indexed), got ",
+                              *capacity, " * ", num_ranks_, " * ", topk_idx.size(1));
             args.capacity = *capacity;
         }
         TORCH_CHECK_VALUE(!tag.has_value() || *tag != core::kNoTag, "tag ", core::kNoTag, " is reserved");

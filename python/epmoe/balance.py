@@ -13,7 +13,9 @@ scores, p = s / sum_j s_j the normalised unbiased scores):
 - "seq" (DeepSeek-V3 sequence-wise): per sequence of S tokens (the input's second-to-last dimension),
   f_i = E / (k S) * #tokens selecting i, P_i = mean over the sequence of p_i; loss = coeff * sum_i f_i P_i,
   averaged over the sequences.
-- "global" (Switch / GShard): the same over the whole batch of every rank.
+- "global" (Switch / GShard): the same over the whole batch of every rank, i.e. coeff * E * sum_i f_i P_i with
+  f_i = #selections of i / (k T), the fraction of the k T assignments (Megatron-Core's normalisation; transformers'
+  load_balancing_loss_func divides by T, k times this).
 - z-loss (ST-MoE): z_coeff * mean over tokens of logsumexp(logits)^2.
 """
 

@@ -190,9 +190,9 @@ class MoE(nn.Module):
     forward(hidden_states [..., H]) -> [..., H] in hidden_states.dtype.
     """
 
-    def __init__(self, config: MoEConfig, process_group: dist.ProcessGroup | None = None, *, layer_idx: int = 0,
-                 device: torch.device | str | None = None, placement: eplb.Placement | None = None,
-                 dp_group: dist.ProcessGroup | None = None):
+    def __init__(self, config: MoEConfig, process_group: dist.ProcessGroup | None = None,
+                 device: torch.device | str | None = None, *, layer_idx: int = 0,
+                 placement: eplb.Placement | None = None, dp_group: dist.ProcessGroup | None = None):
         super().__init__()
         self.distributed = process_group is not None or (dist.is_available() and dist.is_initialized())
         if self.distributed:
@@ -400,18 +400,30 @@ class MoE(nn.Module):
     def _load_from_state_dict(self, state_dict, prefix, local_metadata, strict, missing_keys, unexpected_keys,
                               error_msgs):
         expert_keys = {k for k in state_dict if k.startswith(prefix + "experts.")}
+        # load_state_dict(assign=True) into a layer built on meta: the slots are allocated from the checkpoint's
+        # tensors (their dtype and device) instead of being copied into meta storage, which keeps nothing.
+        assign = bool(local_metadata.get("assign_to_params_buffers", False))
+        experts = self.local_slot_experts().tolist()
         with torch.no_grad():
-            for slot, expert in enumerate(self.local_slot_experts().tolist()):
-                for name, param in (("gate_up_proj", self.w13), ("down_proj", self.w2)):
+            for name, attr in (("gate_up_proj", "w13"), ("down_proj", "w2")):
+                param = getattr(self, attr)
+                values = []
+                for expert in experts:
                     key = f"{prefix}experts.{expert}.{name}"
-                    if key not in state_dict:
+                    value = state_dict.get(key)
+                    if value is None:
                         missing_keys.append(key)
-                        continue
-                    value = state_dict[key]
-                    if tuple(value.shape) != tuple(param.shape[1:]):
+                    elif tuple(value.shape) != tuple(param.shape[1:]):
                         error_msgs.append(f"{key}: shape {tuple(value.shape)}, expected {tuple(param.shape[1:])}")
-                        continue
-                    param[slot].copy_(value)
+                        value = None
+                    values.append(value)
+                if assign and param.is_meta:
+                    if all(v is not None for v in values):
+                        setattr(self, attr, nn.Parameter(torch.stack(values), requires_grad=param.requires_grad))
+                    continue
+                for slot, value in enumerate(values):
+                    if value is not None:
+                        param[slot].copy_(value)
         # Experts held by other ranks are expected in a merged checkpoint: not unexpected here.
         filtered = {k: v for k, v in state_dict.items() if k not in expert_keys}
         super()._load_from_state_dict(filtered, prefix, local_metadata, strict, missing_keys, unexpected_keys,
@@ -419,12 +431,16 @@ class MoE(nn.Module):
         for key in ("w13", "w2"):
             if prefix + key in missing_keys:
                 missing_keys.remove(prefix + key)
+        if self._log2phy.device != self.gate_weight.device:  # assigned tensors on another device
+            self._install_placement(self.placement)
 
     # ---- forward
 
     def router_logits(self, x: torch.Tensor) -> torch.Tensor:
         """x [T, H] -> router logits float32 [T, E]: the gate GEMM in fp32 whatever the weights' dtype (the
         `router_logits_probe` module, if set, sees them: transformers' `output_router_logits` records them there)."""
+        if torch.is_grad_enabled():
+            self._grad_forward = True  # a backward may follow: sync_grads treats changed gradients as new ones
         logits = F.linear(x.float(), self.gate_weight.float())
         return logits if self.router_logits_probe is None else self.router_logits_probe(logits)
 

@@ -9,6 +9,8 @@ Invariants:
 - Weights, their `.grad` and every per-slot optimizer state tensor move together, atomically per layer
   (`eplb.rearrange`, checksummed), and only at safe points: in `sync_grads` (automatic `eplb_interval`),
   `MoE.rebalance`, `MoE.apply_placement` and `rebalance_model` - never between a forward and its backward.
+- Gradients count as new (to be reduced) only after a grad-mode forward (or routing) of the layer since the last
+  sync or move: edits in place after `sync_grads` (unscaling, clipping) are never reduced a second time.
 - Every layer collective starts with a header exchange (operation, number of layers, per-layer call counter,
   placement digest) over the EP group and then the DP group; ranks that disagree (one skipped a call, one
   rebalanced alone) raise RuntimeError on every rank naming both sides, instead of mixing data.
@@ -79,6 +81,7 @@ def attach(moe) -> None:
     moe._num_calls = 0  # layer collectives started (header sequence number)
     moe._num_steps = 0  # sync_grads calls (eplb_interval counts these)
     moe._grad_marks = None  # (state, {name: (weakref to grad, version)}) after the last sync or move
+    moe._grad_forward = False  # a forward with grad enabled ran since the marks were set (MoE.forward sets it)
     names = [name for name, _ in moe.named_parameters()] + [name for name, _ in moe.named_buffers()]
     moe._epmoe_ddp_names = names
     moe._ddp_params_and_buffers_to_ignore = list(names)
@@ -242,6 +245,11 @@ def _marks(moe) -> dict:
     return {name: (weakref.ref(p.grad), p.grad._version) for name, p in moe.named_parameters() if p.grad is not None}
 
 
+def _set_marks(moe, state: int) -> None:
+    moe._grad_marks = (state, _marks(moe))
+    moe._grad_forward = False
+
+
 def _unchanged(moe, names) -> bool:
     state = moe._grad_marks
     if state is None:
@@ -265,9 +273,12 @@ def _local_grad_state(moe) -> int:
     if all(p.grad is None for p in params.values()):
         return _NONE
     state = None if moe._grad_marks is None else moe._grad_marks[0]
+    # Without a forward in grad mode since the marks no backward can have added raw gradients: in-place edits in
+    # between (clip_grad_norm_, GradScaler.unscale_) keep the state, so they are not reduced a second time.
+    edited_only = not moe._grad_forward
     if state == _SUMMED:  # replicas hold their expert's sum (a move of raw gradients); the rest is still raw
-        return _SUMMED if _unchanged(moe, {"w13", "w2"}) else _MIXED
-    if state == _SYNCED and _unchanged(moe, set(params)):
+        return _SUMMED if edited_only or _unchanged(moe, {"w13", "w2"}) else _MIXED
+    if state == _SYNCED and (edited_only or _unchanged(moe, set(params))):
         return _SYNCED
     return _RAW
 
@@ -509,7 +520,7 @@ def _sync_group(layers, optimizer) -> None:
         for moe, state in zip(layers, states, strict=True):
             if state in (_RAW, _SUMMED):
                 _reduce_expert_grads(moe, fold=state == _RAW, finish=True)
-                moe._grad_marks = (_SYNCED, _marks(moe))
+                _set_marks(moe, _SYNCED)
     biased = [moe for moe in layers if moe.config.bias_update_rate > 0]
     balance.update_bias_layers(biased)
     due = []
@@ -605,7 +616,7 @@ def _move(layers, new_rows, moving) -> list:
                 moe._install_placement(new_rows[i])
     for moe, state in zip(layers, states, strict=True):
         if state in (_RAW, _SUMMED, _SYNCED):
-            moe._grad_marks = (_SUMMED if state == _RAW else state, _marks(moe))
+            _set_marks(moe, _SUMMED if state == _RAW else state)
     return sent
 
 

@@ -1,6 +1,6 @@
 """torch.distributed.checkpoint with EP models: `model.state_dict()` saved at EP=4 (redundant experts, a skewed
-placement) loads at EP=2 (another redundancy and placement) and at EP=1 with the same logical weights; each rank
-writes only logical experts it holds, each tensor is stored once."""
+placement) loads at EP=2 (another redundancy and placement), is saved there again and loads at EP=1, always with the
+same logical weights; each rank writes only logical experts it holds, each tensor is stored once."""
 
 from __future__ import annotations
 
@@ -76,13 +76,16 @@ def _save(rank, world, folder):
     return [sorted(set(layer.local_slot_experts().tolist())) for layer in model.layers]
 
 
-def _load(rank, world, folder, num_redundant):
+def _load(rank, world, folder, num_redundant, resave=None):
+    """Loads `folder` at this EP size (another redundancy and placement); `resave`: saves it there again."""
     model = Stack(dist.group.WORLD if world > 1 else None, world, num_redundant, weights_seed=2, placement_seed=20)
     state = model.state_dict()
     dcp.load(state, checkpoint_id=folder, no_dist=world == 1)
     missing, unexpected = model.load_state_dict(state, strict=True)
     assert not missing and not unexpected
     check_logical_weights(model, weights_seed=1)
+    if resave is not None:
+        dcp.save(model.state_dict(), checkpoint_id=resave)
     return True
 
 
@@ -100,5 +103,7 @@ def test_dcp_ep4_to_ep2_to_ep1(tmp_path):
                 (rank,) = writers[f"layers.{i}.experts.{e}.{name}"]
                 assert e in held[rank][i]
     assert len(writers["proj.weight"]) == 1 and len(writers["layers.0.gate_weight"]) == 1
-    assert all(run_ranks(_load, 2, folder, 2, timeout=120).values())
+    # EP=4 -> EP=2 (saved again there) -> EP=1, and EP=4 -> EP=1 directly.
+    assert all(run_ranks(_load, 2, folder, 2, str(tmp_path / "dcp2"), timeout=120).values())
+    assert _load(0, 1, str(tmp_path / "dcp2"), 0)
     assert _load(0, 1, folder, 0)

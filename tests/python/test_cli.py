@@ -47,6 +47,13 @@ def test_version():
     assert proc.returncode == 0 and proc.stdout.startswith("epmoe 0.1.0 (torch "), proc.stdout + proc.stderr
 
 
+def test_python_dash_m_epmoe_is_the_command():
+    env = dict(os.environ, PYTHONPATH=PYTHONPATH)
+    proc = subprocess.run([sys.executable, "-m", "epmoe", "--version"], capture_output=True, text=True, env=env,
+                          timeout=180, check=False)
+    assert proc.returncode == 0 and proc.stdout.startswith("epmoe 0.1.0 (torch "), proc.stdout + proc.stderr
+
+
 @pytest.mark.parametrize("args, prog, needle", [
     (["demo", "--ranks", "0"], "epmoe demo", "--ranks: must be an int >= 1, got 0"),
     (["plan", "LOAD.npy", "--slots", "16", "--ranks", "4", "--max-moves", "2", "-o", "x.json"], "epmoe plan",

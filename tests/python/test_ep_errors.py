@@ -112,6 +112,8 @@ def _mismatch(rank, world):
     assert "-1" not in str(info.value)
     with pytest.raises(ValueError, match="capacity must be >= 0, got -3"):
         ep.dispatch(x, idx, w, 4, mode="capacity", capacity=-3)
+    with pytest.raises(ValueError, match=r"capacity \* EP size \* top_k must be < 2\^31"):
+        ep.dispatch(x, idx, w, 4, mode="capacity", capacity=2**30)
     with pytest.raises(ValueError, match="topk_weights must have shape"):
         ep.dispatch(x, idx, w[:, :1], 4)
     with pytest.raises(TypeError, match="topk_idx must be int32 or int64"):

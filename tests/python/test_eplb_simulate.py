@@ -95,6 +95,33 @@ def test_cli_writes_json_and_png(tmp_path, capsys):
     assert "epmoe simulate [10/10]" in capsys.readouterr().err  # progress as plain lines when not a terminal
 
 
+def test_trace_of_rates_draws_tokens_and_incremental_defaults_to_16_moves():
+    # Rates (every layer sums to 1, like synthetic_trace's): rounding them to counts would leave every step empty
+    # (balancedness 1 whatever the placement); they draw 128 tokens per rank instead, as a generated trace.
+    rates = synthetic_trace(TINY, 8, seed=4)
+    report = simulate(rates, preset=TINY, num_ranks=4, interval=4, incremental=True)
+    cfg = report["config"]
+    assert cfg["trace_values"] == "rates" and cfg["tokens_per_step"] == 128 * 4
+    assert cfg["max_moves"] == 16 and cfg["rebalance"] == "incremental"
+    for values in report["policies"].values():
+        assert 0.3 < values["mean"] < 0.999  # drawn pairs: neither empty nor perfectly even
+        np.testing.assert_allclose(values["balancedness"], values["predicted"], atol=0.2)
+    counts = simulate(np.rint(rates * 1e4), preset=TINY, num_ranks=4, interval=4)["config"]
+    assert counts["trace_values"] == "counts" and counts["tokens_per_step"] is None and counts["rebalance"] == "fresh"
+
+
+def test_unreadable_trace_and_initial_files_are_one_line_errors(tmp_path):
+    (tmp_path / "bad.npy").write_text("not an array")
+    (tmp_path / "plan.json").write_bytes(b"\x93NUMPY not json")
+    np.save(tmp_path / "ok.npy", np.full((2, 1, 16), 10.0))
+    for args, match in ((["bad.npy"], "TRACE "), (["ok.npy", "--initial", "plan.json"], "--initial ")):
+        proc = subprocess.run([sys.executable, "-m", "epmoe.cli", "simulate", "--out", str(tmp_path / "out"), "-q",
+                               "--ranks", "4", *args], cwd=tmp_path, capture_output=True, text=True, timeout=120)
+        lines = proc.stderr.strip().splitlines()
+        assert proc.returncode == 2 and len(lines) == 1 and match in lines[0], proc.stderr
+        assert str(tmp_path / args[-1]) in lines[0] or args[-1] in lines[0], lines[0]
+
+
 @pytest.mark.parametrize("args, match", [
     (["missing.npy"], "No such file"),
     (["--ranks", "0"], "--ranks"),

@@ -39,10 +39,11 @@ CONFIGS = {
 VOCAB = 96
 
 
-def random_model(kind: str):
-    """A tiny model of `kind` with every tensor random (seeded), routers and biases included."""
+def random_model(kind):
+    """A tiny model of `kind` (a key of CONFIGS, or a transformers config) with every tensor random (seeded),
+    routers and biases included."""
     torch.manual_seed(0)
-    model = transformers.AutoModelForCausalLM.from_config(CONFIGS[kind]())
+    model = transformers.AutoModelForCausalLM.from_config(CONFIGS[kind]() if isinstance(kind, str) else kind)
     gen = torch.Generator().manual_seed(1)
     with torch.no_grad():
         for name, p in model.named_parameters():
@@ -54,9 +55,10 @@ def random_model(kind: str):
     return model.eval()
 
 
-def write_renamed_hub_checkpoint(model, folder: Path, num_shards: int = 3, edit=None) -> None:
+def write_renamed_hub_checkpoint(model, folder: Path, num_shards: int = 3, edit=None, shard_of=None) -> None:
     """Writes `model` as a hub checkpoint would store it, by hand: per-expert `experts.{e}.{gate,up,down}_proj`
-    tensors split from the fused in-memory ones, over `num_shards` files with a `model.safetensors.index.json`.
+    tensors split from the fused in-memory ones, over `num_shards` files with a `model.safetensors.index.json`
+    (tensor i of the sorted names in shard i % num_shards, or in shard `shard_of(name)`).
     `edit(tensors)` may change the name -> tensor dict before it is written (to break the checkpoint)."""
     from safetensors.torch import save_file
 
@@ -78,9 +80,11 @@ def write_renamed_hub_checkpoint(model, folder: Path, num_shards: int = 3, edit=
     folder.mkdir(parents=True)
     names = sorted(tensors)
     weight_map = {}
+    order = {name: i for i, name in enumerate(names)}
+    shard_of = shard_of or (lambda name: order[name] % num_shards)
     for i in range(num_shards):
         shard = f"model-{i + 1:05d}-of-{num_shards:05d}.safetensors"
-        part = {n: tensors[n].contiguous() for n in names[i::num_shards]}
+        part = {n: tensors[n].contiguous() for n in names if shard_of(n) == i}
         save_file(part, str(folder / shard), metadata={"format": "pt"})
         weight_map.update(dict.fromkeys(part, shard))
     (folder / "model.safetensors.index.json").write_text(json.dumps({"metadata": {}, "weight_map": weight_map}))
@@ -317,5 +321,14 @@ def test_imports_have_no_cycle():
         "import epmoe.integrations.hf_save as hf_save\n"
         "from epmoe.integrations.transformers import from_pretrained, save_pretrained, shard_model\n"
         "assert save_pretrained is hf_save.save_pretrained and from_pretrained.__module__.endswith('hf_load')\n"
+    )
+    subprocess.run([sys.executable, "-c", code], check=True, env=dict(os.environ))
+    # The integration first: its lazy names resolve, and the layer's from_hf reaches it.
+    code = (
+        "import epmoe.integrations.transformers as t\n"
+        "from epmoe.integrations import hf_load, hf_save\n"
+        "assert t.from_pretrained is hf_load.from_pretrained and t.save_pretrained is hf_save.save_pretrained\n"
+        "import epmoe\n"
+        "assert epmoe.MoE is t.MoE\n"
     )
     subprocess.run([sys.executable, "-c", code], check=True, env=dict(os.environ))

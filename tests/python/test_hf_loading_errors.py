@@ -90,6 +90,20 @@ def test_missing_expert_tensor(tmp_path):
         from_pretrained(str(folder))
 
 
+def test_missing_fused_expert_tensor(tmp_path):
+    # The fused layout with one of its two tensors gone: the missing one is named.
+    from safetensors.torch import load_file, save_file
+
+    fused = tmp_path / "fused"
+    random_model("deepseek_v3").save_pretrained(str(fused), save_original_format=False)
+    tensors = load_file(str(fused / "model.safetensors"))
+    tensors.pop(f"{EXPERTS}.down_proj")
+    save_file(tensors, str(fused / "model.safetensors"), metadata={"format": "pt"})
+    with pytest.raises(ValueError, match=f"has the fused expert tensor '{EXPERTS}.gate_up_proj' but lacks "
+                                         f"'{EXPERTS}.down_proj'"):
+        from_pretrained(str(fused))
+
+
 def test_missing_non_expert_tensor(tmp_path):
     folder = broken(tmp_path, lambda t: t.pop("model.layers.0.self_attn.o_proj.weight"))
     with pytest.raises(ValueError, match="lacks the tensor 'model.layers.0.self_attn.o_proj.weight'"):

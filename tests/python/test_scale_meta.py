@@ -34,8 +34,9 @@ def test_meta_build_draws_nothing_and_matches_eager_after_to_empty():
     with torch.device("meta"):
         meta_ctx = MoE(cfg)
     meta_arg = MoE(cfg, device="meta")
+    meta_positional = MoE(cfg, None, "meta")  # MoE(cfg, process_group, device)
     assert torch.equal(torch.get_rng_state(), state)  # no RNG drawn on meta
-    for meta in (meta_ctx, meta_arg):
+    for meta in (meta_ctx, meta_arg, meta_positional):
         assert all(t.is_meta for t in [*meta.parameters(), *meta.buffers()])
         torch.manual_seed(7)
         meta.to_empty(device="cpu")
@@ -55,6 +56,43 @@ def test_forward_after_to_empty_and_load_state_dict():
     x = torch.randn(4, 32)
     with torch.no_grad():
         assert torch.equal(meta(x), eager(x))
+
+
+def test_load_state_dict_assign_into_a_meta_layer():
+    # assign=True takes the checkpoint's tensors (dtype and device) for every parameter, the expert slots included;
+    # the routing maps and the recorder follow them off meta.
+    cfg = config(dtype=torch.bfloat16)
+    eager = MoE(cfg)
+    meta = MoE(cfg, device="meta")
+    assert not meta.load_state_dict(eager.state_dict(), assign=True).missing_keys
+    assert_same_state(meta, eager)
+    assert not any(t.is_meta for t in [*meta.parameters(), *meta.buffers(), meta._log2phy])
+    x = torch.randn(5, 32, dtype=torch.bfloat16)
+    with torch.no_grad():
+        assert torch.equal(meta(x), eager(x))
+    # An expert missing: reported, and the slots stay unallocated (meta) rather than half-filled.
+    state = eager.state_dict()
+    state.pop("experts.3.down_proj")
+    partial = MoE(cfg, device="meta")
+    assert partial.load_state_dict(state, assign=True, strict=False).missing_keys == ["experts.3.down_proj"]
+    assert partial.w2.is_meta and not partial.w13.is_meta
+    with pytest.raises(RuntimeError, match="experts.3.down_proj"):
+        MoE(cfg, device="meta").load_state_dict(state, assign=True)
+
+
+def test_placement_from_meta_tensors_is_refused():
+    # A placement is host-side data: meta tensors have none (the layer keeps placements off the meta path).
+    with pytest.raises(ValueError, match="phy2log is a meta tensor"):
+        eplb.Placement(torch.zeros(1, 8, dtype=torch.int64, device="meta"), 6, 2)
+    plan = eplb.plan(torch.ones(1, 6), 8, 2)
+    with pytest.raises(ValueError, match="share is a meta tensor"):
+        plan.with_share(torch.ones(1, 8, dtype=torch.float64, device="meta"))
+    with pytest.raises(ValueError, match="load is a meta tensor"):
+        eplb.plan(torch.ones(1, 6, device="meta"), 8, 2)
+    ids = torch.zeros(4, 2, dtype=torch.int32, device="meta")
+    for policy in eplb.POLICIES:  # replica choice runs on meta ids (shapes only)
+        slots = eplb.map_to_physical(ids, plan, 0, policy=policy)
+        assert slots.is_meta and slots.shape == (4, 2)
 
 
 def test_construction_draws_one_seed_only():

@@ -276,3 +276,39 @@ def test_pairs_only_where_the_dp_all_reduce_commutes():
         assert not owners.pair
         assert owners.recv == ({1: [0]} if rank == 0 else {0: [1]})  # expert e is owned by holder e mod 2
         assert owners.send == ({1: [1]} if rank == 0 else {0: [0]})
+
+
+def _edits_after_sync(rank, world):
+    """Gradients edited in place after sync_grads (clip_grad_norm_, GradScaler.unscale_) are final: a rebalance or
+    a second sync_grads afterwards moves them as they are instead of reducing them again."""
+    torch.manual_seed(0)
+    moe = MoE(config(eplb_window=4))
+    opt = torch.optim.AdamW(moe.parameters(), lr=1e-3)
+    moe(skewed(0, rank)).square().mean().backward()
+    epmoe.sync_grads(moe)
+    for p in moe.parameters():  # in place, by the same factor on every rank (as GradScaler.unscale_ does)
+        p.grad.mul_(1 / 3)
+    want = {name: gathered(moe, getattr(moe, name).grad) for name in ("w13", "w2")}
+    gate = moe.gate_weight.grad.clone()
+    placement = moe.placement
+    moe.rebalance(optimizer=opt)
+    assert moe.placement != placement
+    epmoe.sync_grads(moe)  # no forward since the last one: nothing new to reduce
+    for name in ("w13", "w2"):
+        assert gathered(moe, getattr(moe, name).grad) == want[name], name
+    assert torch.equal(moe.gate_weight.grad, gate)
+    # The next step's backward is new again, even into the same (in place zeroed) gradient tensors.
+    opt.zero_grad(set_to_none=False)
+    moe(skewed(1, rank)).square().mean().backward()
+    raw = moe.gate_weight.grad.clone()
+    epmoe.sync_grads(moe)
+    mean = raw.clone()
+    if world > 1:
+        dist.all_reduce(mean)
+    torch.testing.assert_close(moe.gate_weight.grad, mean / world, rtol=1e-6, atol=0)
+    return True
+
+
+def test_gradient_edits_after_sync_grads_are_not_reduced_again():
+    assert _edits_after_sync(0, 1)
+    assert all(run_ranks(_edits_after_sync, 2, timeout=90).values())

@@ -142,8 +142,13 @@ class NcclWork final : public CommWork {
         : state_(std::move(state)), done_(std::move(done)), alloc_stream_(alloc_stream),
           output_(std::move(output)), input_(std::move(input)) {}
     ~NcclWork() override {
-        // NOTES: never blocks: reuse of the buffers on their allocation stream is ordered after the transfer.
-        if (!waited_ && (output_.defined() || input_.defined())) cudaStreamWaitEvent(alloc_stream_, done_->get(), 0);
+        // NOTES: never blocks: reuse of the buffers on their allocation stream is ordered after the transfer. A
+        // refused wait (e.g. on an event recorded in a graph capture that has ended) must not linger as the thread's
+        // last CUDA error, which the next kernel's launch check would report as its own.
+        if (!waited_ && (output_.defined() || input_.defined()) &&
+            cudaStreamWaitEvent(alloc_stream_, done_->get(), 0) != cudaSuccess) {
+            (void)cudaGetLastError();
+        }
     }
     void wait() override {
         const c10::cuda::CUDAGuard guard(static_cast<c10::DeviceIndex>(state_->device()));

@@ -102,6 +102,8 @@ def _even_share(phy2log: np.ndarray, logcnt: np.ndarray) -> np.ndarray:
 def _check_share(share, phy2log: np.ndarray, num_experts: int) -> np.ndarray:
     """float64 [L, P] copy of `share`, validated: finite, >= 0, summing to 1 over each expert's slots."""
     if isinstance(share, torch.Tensor):
+        if share.is_meta:
+            raise ValueError("share is a meta tensor: a placement needs the replica shares' values")
         share = share.detach().to("cpu", torch.float64).numpy()
     arr = np.array(share, dtype=np.float64)
     if arr.shape != phy2log.shape:
@@ -133,6 +135,8 @@ class Placement:
 
     def __init__(self, phy2log, num_experts: int, num_ranks: int, share=None):
         if isinstance(phy2log, torch.Tensor):
+            if phy2log.is_meta:
+                raise ValueError("phy2log is a meta tensor: a placement needs the slot contents' values")
             phy2log = phy2log.detach().cpu().numpy()
         phy2log = np.asarray(phy2log)
         if not np.issubdtype(phy2log.dtype, np.integer):

@@ -23,7 +23,11 @@ import numpy as np
 import torch
 import torch.distributed as dist
 
+from epmoe._logging import get_logger
+
 from .placement import Placement
+
+log = get_logger(__name__)
 
 __all__ = ["rearrange", "transfer_plan", "tensor_digest", "Transfer", "LayerTransferStats", "RearrangeReport",
            "RearrangeError"]
@@ -275,12 +279,16 @@ def rearrange(expert_tensors, old: Placement, new: Placement, group=None, *, bat
         report.layers.append(stats)
         if int(ok.item()) == 0:
             where = f"on this rank: {error}" if error is not None else "on another rank"
+            log.warning("rearrange: layer %d failed (%s); it keeps the old placement", layer, where)
             raise RearrangeError(f"rearrange failed at layer {layer} ({where}); layer {layer} keeps the old "
                                  f"placement, layers {report.committed_layers} were moved", layer, report)
         for dst_slot, bufs in staged.items():
             for t, buf in zip(tensors, bufs, strict=True):
                 t[dst_slot].copy_(buf)
         report.committed_layers.append(layer)
+        log.debug("rearrange: layer %d moved: %d sent (%d bytes), %d received (%d bytes), %d local copies, %.3f s",
+                  layer, stats.num_sent, stats.bytes_sent, stats.num_received, stats.bytes_received,
+                  stats.num_local_copies, stats.seconds)
         if on_commit is not None:
             on_commit(layer)
     return report

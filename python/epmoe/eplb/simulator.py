@@ -3,7 +3,9 @@ policies at any EP size, without starting a process.
 
 Each step holds a load [L, E] (a trace file's values, or the built-in generator's rates). When `tokens_per_step` is
 set, the step's (token, slot) pairs are drawn from it: tokens * top_k pairs per layer, multinomially over the
-experts. Per-rank loads are then computed per policy from those pairs:
+experts. Without it, a trace of pair counts is used as it is, and a trace of rates (every layer of every step sums to
+at most 1 and some value is fractional, like the generator's) gets 128 tokens per rank and step, as a generated one.
+Per-rank loads are then computed per policy from those pairs:
 
 - "hash" and "weighted": each expert's pairs split over its replicas as the hash does, i.e. multinomially with
   the replica shares (1 / logcnt, or the plan's `Placement.share`): the hash is uniform over [0, 2^32), and
@@ -34,7 +36,10 @@ from .placement import POLICIES, Placement, as_load_array, balancedness, num_red
 from .planner import STRATEGIES, plan
 
 __all__ = ["PRESETS", "ModelPreset", "synthetic_trace", "read_trace", "simulate", "write_report", "add_parser",
-           "main"]
+           "main", "DEFAULT_MAX_MOVES", "TOKENS_PER_RANK"]
+
+DEFAULT_MAX_MOVES = 16  # slot changes per layer of an incremental rebalance unless max_moves is given
+TOKENS_PER_RANK = 128   # tokens per rank and step drawn from a load of rates (generated traces)
 
 
 @dataclass(frozen=True)
@@ -91,16 +96,24 @@ def read_trace(path) -> np.ndarray:
     """Reads a [steps, L, E] trace from .npy or .pt (a tensor); values must be finite and >= 0."""
     path = Path(path)
     suffix = path.suffix.lower()
-    if suffix == ".npy":
-        data = np.load(path, allow_pickle=False)
-    elif suffix == ".pt":
-        data = torch.load(path, map_location="cpu", weights_only=True)
+    if suffix not in (".npy", ".pt"):
+        raise ValueError(f"TRACE must be a .npy or .pt file, got {path.name}")
+    try:
+        data = (np.load(path, allow_pickle=False) if suffix == ".npy"
+                else torch.load(path, map_location="cpu", weights_only=True))
+    except OSError:
+        raise
+    except Exception as exc:  # noqa: BLE001 - any parse failure of the user's file is a bad input
+        raise ValueError(f"TRACE {path}: not a readable {suffix} file ({str(exc).strip().splitlines()[0]})") from exc
+    if suffix == ".pt":
         if not isinstance(data, torch.Tensor):
             raise ValueError(f"{path}: a .pt trace must hold one tensor [steps, layers, experts]")
         data = data.to(torch.float64).numpy()
-    else:
-        raise ValueError(f"TRACE must be a .npy or .pt file, got {path.name}")
-    return _check_trace(np.asarray(data, dtype=np.float64), str(path))
+    try:
+        data = np.asarray(data, dtype=np.float64)
+    except (TypeError, ValueError) as exc:
+        raise ValueError(f"TRACE {path}: values must be numbers, got {data.dtype}") from exc
+    return _check_trace(data, str(path))
 
 
 def _check_trace(trace: np.ndarray, name: str) -> np.ndarray:
@@ -153,7 +166,7 @@ class _Realise:
 def simulate(trace=None, *, preset: str | ModelPreset = "deepseek-v3", num_steps: int | None = None,
              num_ranks: int = 64, num_redundant: int | None = None, num_nodes: int = 1, num_groups: int | None = None,
              strategy: str = "global", interval: int = 50, window: int | None = None, max_moves: int | None = None,
-             tokens_per_step: int | None = None, top_k: int | None = None, policies=POLICIES,
+             incremental: bool = False, tokens_per_step: int | None = None, top_k: int | None = None, policies=POLICIES,
              expert_bytes: int | None = None, initial: Placement | None = None, seed: int = 0,
              progress=None) -> dict:
     """Replays an expert-load trace through `plan()` and the replica policies (see the module docstring).
@@ -169,9 +182,12 @@ def simulate(trace=None, *, preset: str | ModelPreset = "deepseek-v3", num_steps
         interval: re-plan every this many steps (0: never).
         window: steps of recorded pairs each plan uses (default: `interval`).
         max_moves: incremental repair with at most this many slot changes per layer (None: a fresh plan, relabelled
-            to keep experts on their ranks).
+            to keep experts on their ranks, unless `incremental`).
+        incremental: repair the placement at each rebalance (with `max_moves`, default DEFAULT_MAX_MOVES = 16)
+            instead of a fresh plan.
         tokens_per_step: tokens per step over the whole EP group; each step draws tokens * top_k pairs per layer
-            from its load. None: the trace holds pair counts already (generated traces default to 128 per rank).
+            from its load. None: a trace of counts is used as it is; generated traces and traces of rates (every
+            layer sums to at most 1, some value fractional) draw TOKENS_PER_RANK = 128 tokens per rank.
         top_k: experts per token (default: the preset's).
         policies: the replica policies to report.
         expert_bytes: bytes of one expert copy (default: the preset's).
@@ -187,6 +203,8 @@ def simulate(trace=None, *, preset: str | ModelPreset = "deepseek-v3", num_steps
     model = PRESETS[preset] if isinstance(preset, str) and preset in PRESETS else preset
     if not isinstance(model, ModelPreset):
         raise ValueError(f"preset must be one of {sorted(PRESETS)} or a ModelPreset, got {preset!r}")
+    if not isinstance(incremental, bool):
+        raise TypeError(f"incremental must be a bool, got {type(incremental).__name__}")
     for name, value, low in (("num_ranks", num_ranks, 1), ("num_nodes", num_nodes, 1), ("interval", interval, 0),
                              ("seed", seed, 0)):
         if isinstance(value, bool) or not isinstance(value, int) or value < low:
@@ -218,8 +236,12 @@ def simulate(trace=None, *, preset: str | ModelPreset = "deepseek-v3", num_steps
         raise ValueError(f"top_k ({top_k}) exceeds the {num_experts} experts")
     if num_groups is None:
         num_groups = model.num_groups if strategy == "hierarchical" and model.num_experts == num_experts else 1
-    if tokens_per_step is None and generated:
-        tokens_per_step = 128 * num_ranks
+    # Rates (like the generator's) hold no pair counts: rounding them would leave every step empty.
+    rates = generated or bool(np.all(trace.sum(axis=2) <= 1.0 + 1e-9) and np.any(trace != np.rint(trace)))
+    if tokens_per_step is None and rates:
+        tokens_per_step = TOKENS_PER_RANK * num_ranks
+    if incremental and max_moves is None:
+        max_moves = DEFAULT_MAX_MOVES
     window = interval if window is None else window
     expert_bytes = model.expert_bytes if expert_bytes is None else expert_bytes
     if strategy not in STRATEGIES:
@@ -253,7 +275,9 @@ def simulate(trace=None, *, preset: str | ModelPreset = "deepseek-v3", num_steps
         placement, first_ms = initial, 0.0
     realise = _Realise(placement)
     config = {
-        "trace": "generated" if generated else "given", "preset": preset if isinstance(preset, str) else None,
+        "trace": "generated" if generated else "given", "trace_values": "rates" if rates else "counts",
+        "rebalance": "fresh" if max_moves is None else "incremental",
+        "preset": preset if isinstance(preset, str) else None,
         "model": asdict(model), "num_steps": num_steps, "num_layers": num_layers, "num_experts": num_experts,
         "num_ranks": num_ranks, "num_slots": num_slots, "num_redundant": num_redundant, "num_nodes": num_nodes,
         "num_groups": num_groups, "strategy": strategy, "interval": interval, "window": window,
@@ -349,12 +373,14 @@ def add_parser(subparsers) -> argparse.ArgumentParser:
     add("--interval", type=non_negative_int, default=50, help="re-plan every this many steps, 0: never")
     add("--window", type=positive_int, default=None, help="steps each plan looks at (default: --interval)")
     add("--incremental", action="store_true",
-        help="repair the placement at each rebalance instead of a fresh plan (--max-moves, default 16)")
+        help=f"repair the placement at each rebalance instead of a fresh plan (--max-moves, default "
+             f"{DEFAULT_MAX_MOVES})")
     add("--max-moves", type=non_negative_int, default=None,
         help="incremental repair with at most this many slot changes per layer (default: fresh)")
     add("--tokens", type=positive_int, default=None,
-        help="tokens per step over the EP group, drawn from the load (default: 128 per rank for generated traces; "
-             "a trace file's values are used as pair counts)")
+        help=f"tokens per step over the EP group, drawn from the load (default: a trace file of counts is used as "
+             f"it is; generated traces and traces of rates, every layer summing to <= 1, draw {TOKENS_PER_RANK} "
+             f"per rank)")
     add("--top-k", type=positive_int, default=None, help="experts per token (default: the preset's)")
     add("--policies", default=",".join(POLICIES), help="comma-separated replica policies")
     add("--expert-bytes", type=positive_int, default=None, help="bytes per expert copy (default: the preset's)")
@@ -369,23 +395,30 @@ def add_parser(subparsers) -> argparse.ArgumentParser:
 def _run(args) -> int:
     from epmoe._progress import Progress
 
-    steps = args.steps if args.steps is not None else (200 if args.trace is None else None)
-    if steps is None:  # a file without --steps: replay it all
-        steps = read_trace(args.trace).shape[0]
+    trace = read_trace(args.trace) if args.trace is not None else None
+    steps = args.steps if args.steps is not None else (200 if trace is None else trace.shape[0])
     progress = Progress(steps, "epmoe simulate", enabled=not getattr(args, "quiet", False))
     try:
         report = simulate(
-            args.trace, preset=args.preset, num_steps=args.steps, num_ranks=args.ranks, num_redundant=args.redundant,
+            trace, preset=args.preset, num_steps=args.steps, num_ranks=args.ranks, num_redundant=args.redundant,
             num_nodes=args.nodes, num_groups=args.groups, strategy=args.strategy, interval=args.interval,
-            window=args.window, max_moves=16 if args.incremental and args.max_moves is None else args.max_moves,
-            tokens_per_step=args.tokens, top_k=args.top_k,
-            policies=[p.strip() for p in args.policies.split(",") if p.strip()], expert_bytes=args.expert_bytes,
-            initial=Placement.load(args.initial) if args.initial else None, seed=args.seed, progress=progress.step)
+            window=args.window, max_moves=args.max_moves, incremental=args.incremental, tokens_per_step=args.tokens,
+            top_k=args.top_k, policies=[p.strip() for p in args.policies.split(",") if p.strip()],
+            expert_bytes=args.expert_bytes, initial=_read_initial(args.initial) if args.initial else None,
+            seed=args.seed, progress=progress.step)
     finally:
         progress.close()
     json_path, png_path = write_report(report, args.out)
     _print_summary(report, json_path, png_path)
     return 0
+
+
+def _read_initial(path) -> Placement:
+    path = Path(path)
+    try:
+        return Placement.load(path)
+    except (ValueError, TypeError, KeyError) as exc:  # UnicodeDecodeError is a ValueError
+        raise ValueError(f"--initial {path}: not a placement JSON ({str(exc).strip().splitlines()[0]})") from exc
 
 
 def _print_summary(report: dict, json_path, png_path) -> None:

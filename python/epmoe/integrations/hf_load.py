@@ -10,7 +10,7 @@ rank's slots (one read per distinct expert; a replica slot copies it), rows of t
 
 from __future__ import annotations
 
-import logging
+import os
 import re
 import time
 from dataclasses import dataclass, field
@@ -21,6 +21,7 @@ import torch.distributed as dist
 from torch import nn
 
 from epmoe import eplb, training
+from epmoe._logging import get_logger
 from epmoe.integrations.hf_checkpoint import (
     REPLICATED_NAMES,
     CheckpointFiles,
@@ -34,7 +35,7 @@ from epmoe.layer import MoE, placement_row
 
 __all__ = ["from_pretrained", "find_moe_blocks", "load_placement"]
 
-logger = logging.getLogger("epmoe.integrations.transformers")
+logger = get_logger("epmoe.integrations.transformers")  # rank-prefixed records
 
 _MOE_LIKE = re.compile(r"(MoE|Moe|MoeBlock|SparseMoeBlock)$")
 _LAYER_INDEX = re.compile(r"\.layers\.(\d+)\.")
@@ -46,6 +47,11 @@ def _ep_group(process_group):
     if process_group is not None or (dist.is_available() and dist.is_initialized()):
         group = process_group if process_group is not None else dist.group.WORLD
         return group, dist.get_rank(group), dist.get_world_size(group)
+    launched = os.environ.get("WORLD_SIZE", "1")
+    if launched.isdigit() and int(launched) > 1:  # torchrun started several ranks, each about to load everything
+        logger.warning("from_pretrained: WORLD_SIZE=%s but torch.distributed is not initialised, so this process "
+                       "loads every expert (EP size 1); call torch.distributed.init_process_group() first to load "
+                       "expert-parallel", launched)
     return None, 0, 1
 
 
@@ -261,6 +267,9 @@ def _plan_experts(name: str, block_type: str, moe: MoE, files: CheckpointFiles) 
         plan.slots_of.setdefault(expert, []).append(slot)
     for prefix in names.prefixes:
         gate_up, down = names.fused(prefix)
+        if (gate_up in files) != (down in files):
+            present, absent = (gate_up, down) if gate_up in files else (down, gate_up)
+            raise ValueError(f"checkpoint has the fused expert tensor {present!r} but lacks {absent!r}")
         if gate_up in files and down in files:
             _check_shape(files, gate_up, (num_experts, 2 * inter, hidden))
             _check_shape(files, down, (num_experts, hidden, inter))

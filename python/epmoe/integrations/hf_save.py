@@ -4,7 +4,8 @@ Every rank writes its own shard files, nobody gathers the model: EP rank 0 write
 tensors (each once; tied weights once, under the name transformers keeps) and the index; every rank writes the
 logical experts whose first replica it holds, in the hub's per-expert layout (what transformers' own
 `save_pretrained` writes and what its loader merges into the fused in-memory experts). Shards are named
-`model-0000i-of-0000N.safetensors` over all ranks (`model.safetensors` when there is one).
+`model-0000i-of-0000N.safetensors` over all ranks (`model.safetensors` when there is one); the index
+`model.safetensors.index.json` is always written.
 """
 
 from __future__ import annotations
@@ -17,6 +18,7 @@ import torch
 import torch.distributed as dist
 from torch import nn
 
+from epmoe._logging import get_logger
 from epmoe.integrations.hf_checkpoint import (
     INDEX_NAME,
     REPLICATED_NAMES,
@@ -26,6 +28,8 @@ from epmoe.integrations.hf_checkpoint import (
 )
 from epmoe.integrations.hf_load import raise_on_every_rank
 from epmoe.layer import MoE
+
+logger = get_logger("epmoe.integrations.transformers")
 
 __all__ = ["save_pretrained"]
 
@@ -198,7 +202,7 @@ def save_pretrained(model: nn.Module, path, *, max_shard_size: int | str = "5GB"
     maps = _all_gather((weight_map, total_size), group)
     error = None
     try:
-        if rank == 0 and total > 1:
+        if rank == 0:  # also for a single file: every save has the index, whatever the EP size
             merged: dict[str, str] = {}
             for part, _ in maps:
                 merged.update(part)
@@ -208,6 +212,8 @@ def save_pretrained(model: nn.Module, path, *, max_shard_size: int | str = "5GB"
     except Exception as exc:  # noqa: BLE001
         error = exc
     raise_on_every_rank(error, group, "save_pretrained")  # the index is written when any rank returns
+    logger.info("save_pretrained %s: this rank wrote %d file(s), %d tensors, %.3f GB", folder, len(files),
+                len(weight_map), total_size / 1e9)
 
 
 def _group_of(model: nn.Module):

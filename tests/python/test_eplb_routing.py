@@ -159,3 +159,66 @@ def test_count_slots_cuda_matches_cpu():
         gpu = torch.zeros(num_slots, dtype=torch.int64, device="cuda")
         torch.ops.epmoe.count_slots(gpu, slot_idx.cuda())
         assert torch.equal(gpu.cpu(), cpu)
+
+
+def _hash_reference(topk_idx, log2phy, logcnt, token_offset, layer):
+    """The "hash" policy in plain int64 torch ops, from epmoe.eplb.hash32 (the fused op must give the same ints)."""
+    from epmoe.eplb import hash32
+
+    num_tokens, num_topk = topk_idx.shape
+    token = torch.arange(num_tokens, dtype=torch.int64)[:, None] + token_offset
+    slot = torch.arange(num_topk, dtype=torch.int64)[None, :]
+    expert = topk_idx.clamp(min=0).long()
+    replica = (hash32(token, slot, layer) * logcnt[expert]) >> 32
+    return torch.where(topk_idx >= 0, log2phy[expert, replica].to(topk_idx.dtype), topk_idx)
+
+
+def _hash_case(dtype, num_tokens=777, num_experts=13, num_topk=6, seed=5):
+    gen = torch.Generator().manual_seed(seed)
+    logcnt = torch.randint(1, 5, (num_experts,), generator=gen, dtype=torch.int64)
+    log2phy = torch.full((num_experts, 4), -1, dtype=torch.int64)
+    offsets = torch.cumsum(logcnt, 0) - logcnt
+    for e in range(num_experts):
+        log2phy[e, : logcnt[e]] = torch.arange(int(logcnt[e])) + offsets[e]
+    topk_idx = torch.randint(0, num_experts, (num_tokens, num_topk), generator=gen).to(dtype)
+    topk_idx[::5, 2] = -1
+    return topk_idx, log2phy, logcnt
+
+
+@pytest.mark.parametrize("dtype", [torch.int32, torch.int64])
+@pytest.mark.parametrize("token_offset,layer", [(0, 0), (12345, 3), (2**33 + 7, 61), (0, 70000)])
+def test_replica_hash_op_matches_python_hash32(dtype, token_offset, layer):
+    topk_idx, log2phy, logcnt = _hash_case(dtype)
+    out = torch.ops.epmoe.replica_hash(topk_idx, log2phy, logcnt, token_offset, layer)
+    assert out.dtype == dtype
+    assert torch.equal(out, _hash_reference(topk_idx, log2phy, logcnt, token_offset, layer))
+    # map_to_physical's "hash" policy is that op.
+    assert torch.equal(map_to_physical(topk_idx, (log2phy, logcnt), layer=layer, token_offset=token_offset), out)
+    # 0 and 1 tokens.
+    for n in (0, 1):
+        sub = topk_idx[:n].contiguous()
+        assert torch.equal(torch.ops.epmoe.replica_hash(sub, log2phy, logcnt, token_offset, layer),
+                           _hash_reference(sub, log2phy, logcnt, token_offset, layer))
+
+
+def test_replica_hash_op_rejects_bad_ids_and_counts():
+    topk_idx, log2phy, logcnt = _hash_case(torch.int32)
+    bad = topk_idx.clone()
+    bad[3, 1] = 13
+    with pytest.raises(ValueError, match="topk_idx values must lie in"):
+        torch.ops.epmoe.replica_hash(bad, log2phy, logcnt, 0, 0)
+    bad_cnt = logcnt.clone()
+    bad_cnt[0] = 0
+    with pytest.raises(ValueError, match="logcnt values must lie in"):
+        torch.ops.epmoe.replica_hash(topk_idx, log2phy, bad_cnt, 0, 0)
+    with pytest.raises(TypeError, match="log2phy must be int64"):
+        torch.ops.epmoe.replica_hash(topk_idx, log2phy.int(), logcnt, 0, 0)
+
+
+@pytest.mark.cuda
+@pytest.mark.parametrize("dtype", [torch.int32, torch.int64])
+def test_replica_hash_cuda_matches_cpu(dtype):
+    topk_idx, log2phy, logcnt = _hash_case(dtype, num_tokens=4099)
+    want = torch.ops.epmoe.replica_hash(topk_idx, log2phy, logcnt, 2**32 + 99, 5)
+    got = torch.ops.epmoe.replica_hash(topk_idx.cuda(), log2phy.cuda(), logcnt.cuda(), 2**32 + 99, 5)
+    assert torch.equal(got.cpu(), want)

@@ -7,7 +7,8 @@ Progress: one line (or a bar on a terminal) per script with the ETA of the rest,
 in the same folder (`timings.json`) or the figures below. `--quick` gives each script a time budget (QUICK_BUDGET_S,
 together under 2 minutes on the 2-core build machine): a script over its budget is reported, and one over
 `--timeout` (default: 3x its budget with --quick, none without) is stopped and counted as failed. Each script's
-output is echoed (not with -q) and kept in `<out>/<script>.log`; `<out>/runs.json` records durations and status.
+output is echoed (not with -q) and kept in `<out>/<script>.log`; `<out>/runs.json` records durations and status;
+`<out>/summary.md` is the summary table in Markdown (README.md's benchmark table).
 """
 
 from __future__ import annotations
@@ -24,13 +25,14 @@ from pathlib import Path
 
 from epmoe._progress import Progress, format_seconds
 
-SCRIPTS = ("bench_route", "bench_experts", "bench_dispatch", "bench_eplb", "bench_layer", "bench_scale")
+SCRIPTS = ("bench_route", "bench_experts", "bench_dispatch", "bench_eplb", "bench_layer", "bench_scale",
+           "bench_training")
 # --quick budget of each script in seconds (sum 118 s < 2 min), also the ETA before a first run.
-QUICK_BUDGET_S = {"bench_route": 15, "bench_experts": 40, "bench_dispatch": 15, "bench_eplb": 10, "bench_layer": 30,
-                  "bench_scale": 8}
+QUICK_BUDGET_S = {"bench_route": 15, "bench_experts": 35, "bench_dispatch": 12, "bench_eplb": 10, "bench_layer": 20,
+                  "bench_scale": 8, "bench_training": 18}
 # Durations of the full runs on the 2-core build machine (the ETA before a first run).
 FULL_ESTIMATE_S = {"bench_route": 20, "bench_experts": 75, "bench_dispatch": 15, "bench_eplb": 10, "bench_layer": 70,
-                   "bench_scale": 10}
+                   "bench_scale": 10, "bench_training": 30}
 
 
 def _benchmarks_dir() -> Path:
@@ -135,6 +137,7 @@ def run(args: argparse.Namespace) -> int:
     progress.close()
     _save_runs(out_dir, args.quick, runs)
     _print_table(rows)
+    (out_dir / "summary.md").write_text(markdown_table(rows))
     _print_runs(runs, args.quick)
     _plot(rows, out_dir / "summary.png")
     failed = [name for name, r in runs.items() if r["status"] != "ok"]
@@ -159,6 +162,15 @@ def _print_table(rows) -> None:
         met = {True: "yes", False: "NO", None: "-"}[row.get("met")]
         target = row.get("target") or "-"
         print(f"{name:15} {row['metric']:58} {row['value']:>10.3g} {target:>10}  {met}")
+
+
+def markdown_table(rows) -> str:
+    """The summary rows as the Markdown table README.md's benchmark section is made of (`<out>/summary.md`)."""
+    lines = ["| script | metric | value | target | met |", "|---|---|---|---|---|"]
+    for name, row in rows:
+        met = {True: "yes", False: "**no**", None: "-"}[row.get("met")]
+        lines.append(f"| `{name}` | {row['metric']} | {row['value']:.3g} | {row.get('target') or '-'} | {met} |")
+    return "\n".join(lines) + "\n"
 
 
 def _print_runs(runs: dict, quick: bool) -> None:

@@ -53,3 +53,7 @@ def test_bench_runner_prints_summary(tmp_path):
     run = json.loads((tmp_path / "runs.json").read_text())["quick"]["bench_eplb"]
     assert run["status"] == "ok" and 0 < run["seconds"] and run["budget_s"] > 0
     assert (tmp_path / "bench_eplb.log").read_text().strip()
+    # The Markdown table (README.md's benchmark section): a header, a rule, one line per summary row.
+    table = (tmp_path / "summary.md").read_text().splitlines()
+    assert table[0].startswith("| script | metric |") and len(table) == 2 + len(summary)
+    assert all(f"| `bench_eplb` | {row['metric']} |" in line for row, line in zip(summary, table[2:], strict=True))

@@ -4,6 +4,7 @@
   alike; ratios are taken per round and their median reported (`median_ratio`). The clock is wall time, or with
   `--timer cpu` the process's CPU time: meant with `--threads 1`, it counts only the time the benchmark ran, so a
   busy machine (other processes on the cores) changes it little.
+- `run_gloo_ranks`: a multi-rank benchmark as real processes over gloo on localhost (a rank's exception fails it).
 - `cpu_peaks`, `read_bandwidth`: the physical limits of the machine measured in the same run: the fp32 FMA and bf16
   dot-product peaks of the intra-op threads (`torch.ops.epmoe.cpu_peak_gflops`) and the memory read bandwidth
   `x.sum()` shows on a tensor larger than the last-level cache.
@@ -12,12 +13,16 @@
 from __future__ import annotations
 
 import argparse
+import datetime
+import multiprocessing as mp
 import os
 import platform
+import socket
 import statistics
 import time
 
 import torch
+import torch.distributed as dist
 
 _clock = time.perf_counter
 
@@ -125,3 +130,37 @@ def format_peaks(peaks: dict) -> str:
         return "n/a" if v is None else f"{v:.0f} GFLOP/s"
 
     return f"fp32 FMA peak {fmt(peaks['fp32_fma'])}, bf16 dot-product peak {fmt(peaks['bf16_dot'])}"
+
+
+def _gloo_rank(fn, rank: int, world: int, port: int, args: tuple, timeout_s: float, queue) -> None:
+    try:
+        dist.init_process_group("gloo", init_method=f"tcp://127.0.0.1:{port}", rank=rank, world_size=world,
+                                timeout=datetime.timedelta(seconds=timeout_s))
+        queue.put((rank, {"result": fn(rank, world, *args)}))
+        dist.destroy_process_group()
+    except BaseException as exc:  # noqa: BLE001 - reported to the parent
+        queue.put((rank, {"error": repr(exc)}))
+
+
+def run_gloo_ranks(fn, world: int, *args, timeout_s: float = 600) -> list:
+    """[fn(rank, world, *args) for each rank], each rank a spawned process in one gloo group on a free port (fn: a
+    module-level function; its collectives time out after timeout_s). Raises if any rank raised or none answered."""
+    ctx = mp.get_context("spawn")
+    queue = ctx.Queue()
+    with socket.socket() as s:
+        s.bind(("127.0.0.1", 0))
+        port = s.getsockname()[1]
+    procs = [ctx.Process(target=_gloo_rank, args=(fn, r, world, port, args, timeout_s, queue)) for r in range(world)]
+    for p in procs:
+        p.start()
+    try:
+        results = dict(queue.get(timeout=timeout_s + 60) for _ in range(world))
+    finally:
+        for p in procs:
+            p.join(timeout=30)
+            if p.is_alive():
+                p.kill()
+    errors = [f"rank {r}: {res['error']}" for r, res in sorted(results.items()) if "error" in res]
+    if errors:
+        raise RuntimeError(f"{world} gloo ranks failed: {'; '.join(errors)}")
+    return [results[r]["result"] for r in range(world)]

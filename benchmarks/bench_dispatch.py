@@ -11,19 +11,18 @@ Usage: python benchmarks/bench_dispatch.py [--quick] [--out f.json]
 from __future__ import annotations
 
 import argparse
-import datetime
 import json
 import os
-import socket
 import statistics
 import sys
 import time
 
 import torch
 import torch.distributed as dist
-import torch.multiprocessing as mp
 
 sys.path.insert(0, os.path.join(os.path.dirname(os.path.abspath(__file__)), "..", "python"))
+
+from bench_common import run_gloo_ranks  # noqa: E402
 
 
 def baseline_round_trip(x, topk_idx, topk_weights, num_experts, world):
@@ -49,16 +48,9 @@ def baseline_round_trip(x, topk_idx, topk_weights, num_experts, world):
     return out.to(x.dtype), 2 * remote_rows * x.shape[1] * x.element_size()
 
 
-def _worker(rank, world, port, cfg, queue):
+def _worker(rank, world, cfg):
     os.environ["OMP_NUM_THREADS"] = "1"
     torch.set_num_threads(1)
-    dist.init_process_group(
-        "gloo",
-        init_method=f"tcp://127.0.0.1:{port}",
-        rank=rank,
-        world_size=world,
-        timeout=datetime.timedelta(seconds=120),
-    )
     import epmoe
 
     gen = torch.Generator().manual_seed(rank)
@@ -91,23 +83,12 @@ def _worker(rank, world, port, cfg, queue):
             dist.all_reduce(elapsed, op=dist.ReduceOp.MAX)  # the round trip ends when the slowest rank is done
             times[name].append(elapsed.item())
             sent[name] = nbytes
-    queue.put((rank, {"times": times, "bytes": sent, "max_abs_diff": max_diff}))
     ep.destroy()
-    dist.destroy_process_group()
+    return {"times": times, "bytes": sent, "max_abs_diff": max_diff}
 
 
 def bench(world, cfg):
-    ctx = mp.get_context("spawn")
-    queue = ctx.Queue()
-    with socket.socket() as s:
-        s.bind(("127.0.0.1", 0))
-        port = s.getsockname()[1]
-    procs = [ctx.Process(target=_worker, args=(r, world, port, cfg, queue)) for r in range(world)]
-    for p in procs:
-        p.start()
-    results = dict(queue.get(timeout=300) for _ in range(world))
-    for p in procs:
-        p.join()
+    results = dict(enumerate(run_gloo_ranks(_worker, world, cfg, timeout_s=120)))
     t_ep = statistics.median(results[0]["times"]["epmoe"])
     t_base = statistics.median(results[0]["times"]["baseline"])
     b_ep = sum(r["bytes"]["epmoe"] for r in results.values()) / world

@@ -20,10 +20,8 @@ bandwidth x.sum() shows on a tensor larger than the last-level cache.
 from __future__ import annotations
 
 import argparse
-import datetime
 import json
 import os
-import socket
 import statistics
 import sys
 import time
@@ -32,7 +30,6 @@ sys.path.insert(0, os.path.join(os.path.dirname(os.path.abspath(__file__)), ".."
 
 import torch  # noqa: E402
 import torch.distributed as dist  # noqa: E402
-import torch.multiprocessing as mp  # noqa: E402
 from bench_common import (  # noqa: E402
     add_timing_args,
     apply_timing_args,
@@ -43,6 +40,7 @@ from bench_common import (  # noqa: E402
     median_ms,
     median_ratio,
     read_bandwidth,
+    run_gloo_ranks,
 )
 
 HIDDEN, INTER, NUM_EXPERTS, TOP_K = 1024, 256, 64, 6
@@ -112,38 +110,17 @@ def time_steps(step, reps: int, sync) -> float:
     return statistics.median(samples)
 
 
-def _rank_worker(rank, world, port, reps, queue):
-    try:
-        from epmoe.layer import MoE
+def _rank_step_times(rank, world, reps):
+    from epmoe.layer import MoE
 
-        torch.set_num_threads(max(1, (os.cpu_count() or 1) // world))
-        dist.init_process_group("gloo", init_method=f"tcp://127.0.0.1:{port}", rank=rank, world_size=world,
-                                timeout=datetime.timedelta(seconds=120))
-        moe = MoE.from_hf(make_block(), dist.group.WORLD)
-        x = tokens(PREFILL_TOKENS, 1).chunk(world)[rank].contiguous()
-        result = {b: time_steps(make_step(moe, x, b == "fwd_bwd"), reps, dist.barrier) for b in ("fwd", "fwd_bwd")}
-        queue.put((rank, result))
-        dist.destroy_process_group()
-    except BaseException as exc:  # noqa: BLE001 - reported to the parent
-        queue.put((rank, {"error": repr(exc)}))
+    torch.set_num_threads(max(1, (os.cpu_count() or 1) // world))
+    moe = MoE.from_hf(make_block(), dist.group.WORLD)
+    x = tokens(PREFILL_TOKENS, 1).chunk(world)[rank].contiguous()
+    return {b: time_steps(make_step(moe, x, b == "fwd_bwd"), reps, dist.barrier) for b in ("fwd", "fwd_bwd")}
 
 
 def bench_ep(world: int, reps: int) -> dict:
-    ctx = mp.get_context("spawn")
-    queue = ctx.Queue()
-    with socket.socket() as s:
-        s.bind(("127.0.0.1", 0))
-        port = s.getsockname()[1]
-    procs = [ctx.Process(target=_rank_worker, args=(r, world, port, reps, queue)) for r in range(world)]
-    for p in procs:
-        p.start()
-    results = dict(queue.get(timeout=600) for _ in range(world))
-    for p in procs:
-        p.join(timeout=30)
-    errors = [r["error"] for r in results.values() if "error" in r]
-    if errors:
-        raise RuntimeError(f"EP={world} failed: {errors}")
-    return results[0]
+    return run_gloo_ranks(_rank_step_times, world, reps, timeout_s=600)[0]
 
 
 def main() -> None:

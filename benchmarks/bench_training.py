@@ -14,16 +14,14 @@ across slots and ranks). Reports median ms and the ratio sync_grads / step.
 from __future__ import annotations
 
 import argparse
-import datetime
 import json
 import os
-import socket
 import statistics
 import time
 
 import torch
 import torch.distributed as dist
-import torch.multiprocessing as mp
+from bench_common import run_gloo_ranks
 
 HIDDEN, INTER, NUM_EXPERTS, TOP_K, TOTAL_TOKENS = 512, 256, 64, 6, 2048
 PARTS = ("fwd_bwd", "sync_grads", "optimizer")
@@ -72,34 +70,10 @@ def run(rank: int, world: int, num_redundant: int, reps: int) -> dict:
     return result
 
 
-def _worker(rank, world, port, num_redundant, reps, queue):
-    try:
-        dist.init_process_group("gloo", init_method=f"tcp://127.0.0.1:{port}", rank=rank, world_size=world,
-                                timeout=datetime.timedelta(seconds=300))
-        queue.put((rank, run(rank, world, num_redundant, reps)))
-        dist.destroy_process_group()
-    except BaseException as exc:  # noqa: BLE001 - reported to the parent
-        queue.put((rank, {"error": repr(exc)}))
-
-
 def bench(world: int, num_redundant: int, reps: int) -> dict:
     if world == 1:
         return run(0, 1, num_redundant, reps)
-    ctx = mp.get_context("spawn")
-    queue = ctx.Queue()
-    with socket.socket() as s:
-        s.bind(("127.0.0.1", 0))
-        port = s.getsockname()[1]
-    procs = [ctx.Process(target=_worker, args=(r, world, port, num_redundant, reps, queue)) for r in range(world)]
-    for p in procs:
-        p.start()
-    results = dict(queue.get(timeout=900) for _ in range(world))
-    for p in procs:
-        p.join(timeout=30)
-    errors = [r["error"] for r in results.values() if "error" in r]
-    if errors:
-        raise RuntimeError(f"EP={world} failed: {errors}")
-    return results[0]
+    return run_gloo_ranks(run, world, num_redundant, reps, timeout_s=300)[0]
 
 
 def main() -> None:

@@ -19,13 +19,7 @@
 #include <cstdint>
 
 // Host and device, always inlined (the CUDA solver must not spill its state to local memory).
-#ifndef EPMOE_HD
-#if defined(__CUDACC__)
-#define EPMOE_HD __host__ __device__ __forceinline__
-#else
-#define EPMOE_HD inline
-#endif
-#endif
+#include "cpp/core/host_device.h"
 
 namespace epmoe::core {
 

@@ -7,13 +7,7 @@
 
 #include <cstdint>
 
-#ifndef EPMOE_HD
-#if defined(__CUDACC__)
-#define EPMOE_HD __host__ __device__ __forceinline__
-#else
-#define EPMOE_HD inline
-#endif
-#endif
+#include "cpp/core/host_device.h"
 
 namespace epmoe::core {
 

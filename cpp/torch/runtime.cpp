@@ -123,17 +123,33 @@ std::vector<core::DispatchHeader> headers_from(const at::Tensor& headers) {
 
 // ---- ProcessGroup backend (gloo) ---------------------------------------------------------------------------------
 
+// A failed transfer (gloo's "Connection reset by peer", "Timed out waiting ...") as a RuntimeError that says where
+// and what it usually means; the backend's own first line follows.
+[[noreturn]] void raise_transfer_error(const std::string& where, const std::exception& error) {
+    std::string detail = error.what();
+    detail = detail.substr(0, detail.find('\n'));
+    TORCH_CHECK(false, "EP exchange failed on ", where, ": a peer rank died, timed out, or is not in this exchange "
+                "(it skipped a dispatch/combine or a backward, or is in another collective); every rank of the EP "
+                "group must make the same EP calls in the same order. Backend: ", detail);
+}
+
 class ProcessGroupWork final : public CommWork {
   public:
-    ProcessGroupWork(c10::intrusive_ptr<c10d::Work> work, at::Tensor output, at::Tensor input)
-        : work_(std::move(work)), output_(std::move(output)), input_(std::move(input)) {}
+    ProcessGroupWork(c10::intrusive_ptr<c10d::Work> work, at::Tensor output, at::Tensor input, std::string where)
+        : work_(std::move(work)), output_(std::move(output)), input_(std::move(input)), where_(std::move(where)) {}
     void wait() override {
-        if (work_) work_->wait();
+        if (!work_) return;
+        try {
+            work_->wait();
+        } catch (const std::exception& error) {
+            raise_transfer_error(where_, error);
+        }
     }
 
   private:
     c10::intrusive_ptr<c10d::Work> work_;
     at::Tensor output_, input_;  // kept alive until the transfer is done
+    std::string where_;          // "rank r of R (timeout T s)", for the error message
 };
 
 class ProcessGroupCommunicator final : public Communicator {
@@ -152,15 +168,24 @@ class ProcessGroupCommunicator final : public Communicator {
         opts.timeout = timeout_;  // kUnsetTimeout = the process group's own timeout
         // NOTES: torch 2.13 renamed ProcessGroup::alltoall_base to all_to_all_single (2.14 deprecates the old
         // name); the GPU machine's torch 2.11 has only the old one.
+        const std::string where =
+            c10::str("rank ", rank(), " of ", num_ranks(), " (timeout ", timeout().count() / 1000.0, " s)");
+        c10::intrusive_ptr<c10d::Work> work;
+        try {
 #if defined(TORCH_VERSION_MINOR) && (TORCH_VERSION_MAJOR > 2 || TORCH_VERSION_MINOR >= 13)
-        auto work = pg_->all_to_all_single(out, in, out_splits, in_splits, opts);
+            work = pg_->all_to_all_single(out, in, out_splits, in_splits, opts);
 #else
-        auto work = pg_->alltoall_base(out, in, out_splits, in_splits, opts);
+            work = pg_->alltoall_base(out, in, out_splits, in_splits, opts);
 #endif
-        return std::make_unique<ProcessGroupWork>(std::move(work), out, in);
+        } catch (const std::exception& error) {
+            raise_transfer_error(where, error);
+        }
+        return std::make_unique<ProcessGroupWork>(std::move(work), out, in, where);
     }
     // gloo works complete in wait(): nothing is ever left only stream-ordered.
-    std::unique_ptr<CommWork> fence() override { return std::make_unique<ProcessGroupWork>(nullptr, at::Tensor(), at::Tensor()); }
+    std::unique_ptr<CommWork> fence() override {
+        return std::make_unique<ProcessGroupWork>(nullptr, at::Tensor(), at::Tensor(), std::string());
+    }
     void destroy() override { pg_.reset(); }
     // The timeout of this group's collectives: the one given, else the process group's own.
     std::chrono::milliseconds timeout() const {

@@ -247,6 +247,8 @@ class EPGroup:
         """
         # Local checks (docs/errors.md); ids, the placement and cross-rank agreement are checked by the runtime.
         v.check_tensor("x", x, dtypes=v.FLOAT_DTYPES, dim=2, layout="[num_tokens, hidden]")
+        if x.device.type not in ("cpu", "cuda"):
+            raise ValueError(f"x must be on cpu (gloo) or cuda (NCCL), got {x.device}")
         v.check_tensor("topk_idx", topk_idx, dtypes=v.INDEX_DTYPES, dim=2, layout="[num_tokens, top_k]",
                        device=x.device, like="x")
         if topk_idx.shape[0] != x.shape[0]:

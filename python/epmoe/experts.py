@@ -252,6 +252,9 @@ def _check_expert_weights(x_name: str, x: torch.Tensor, w13, w2) -> None:
     disagrees with the other two."""
     v.check_tensor("w13", w13, dim=3, layout="[num_experts, 2 * I, H]")
     v.check_tensor("w2", w2, dim=3, layout="[num_experts, H, I]")
+    if w13.shape[0] == 0 or w13.shape[1] == 0:
+        raise ValueError(f"w13 must have shape [num_experts, 2 * I, H] with num_experts >= 1 and I >= 1, got "
+                         f"{list(w13.shape)}")
     hidden = x.shape[1]
     h13, h2 = w13.shape[2], w2.shape[1]
     if h13 != hidden and h2 != hidden and h13 == h2:

@@ -80,6 +80,11 @@ SINGLE = [
      "^w2 must have shape"),
     ("experts-w2-experts", lambda s: epmoe.experts_forward(s.x, s.idx, s.w, s.w13, s.w2[:-1]), ValueError,
      "^w2 must have shape"),
+    ("experts-w13-no-experts", lambda s: epmoe.experts_forward(s.x, s.idx, s.w, s.w13[:0], s.w2[:0]), ValueError,
+     "^w13 must have shape .* num_experts >= 1"),
+    ("swiglu-w13-no-experts", lambda s: epmoe.grouped_swiglu_experts(s.rows[:0], s.offsets[:1], s.w13[:0],
+                                                                       s.w2[:0]), ValueError,
+     "^w13 must have shape .* num_experts >= 1"),
     ("experts-w13-2d", lambda s: epmoe.experts_forward(s.x, s.idx, s.w, s.w13[0], s.w2), ValueError,
      "w13 must be 3-D"),
     ("experts-idx-float", lambda s: epmoe.experts_forward(s.x, s.idx.float(), s.w, s.w13, s.w2), TypeError,
@@ -262,6 +267,8 @@ EP_CASES = [
                                                                   expert_to_rank=torch.tensor([0, 1, 2, 1])),
      ValueError, "expert_to_rank"),
     ("dispatch-ids-range", lambda ep, s: ep.dispatch(s.x, s.idx + 4, s.w, 4), ValueError, "topk_idx values"),
+    ("dispatch-x-meta", lambda ep, s: ep.dispatch(s.x.to("meta"), s.idx.to("meta"), s.w.to("meta"), 4), ValueError,
+     r"^x must be on cpu \(gloo\) or cuda \(NCCL\), got meta"),
     ("dispatch-device", lambda ep, s: ep.dispatch(s.x, s.idx.to("meta"), s.w, 4), ValueError,
      "topk_idx must be on cpu"),
     ("combine-handle", lambda ep, s: ep.combine(s.x, "handle"), TypeError, "handle must be a DispatchHandle"),
@@ -369,6 +376,6 @@ def test_bad_input_on_one_rank_fails_every_rank_in_time(case_id, linger):
     peer_name, peer_message, peer_seconds = results[1]
     if case_id == "one-rank-expert-id":
         assert peer_name == "ValueError" and "rank 0 has" in peer_message and peer_message == message, results
-    else:
-        assert peer_name == "RuntimeError", results[1]
+    else:  # the peer's error says where and what a failed exchange usually means, not only gloo's words
+        assert peer_name == "RuntimeError" and "EP exchange failed on rank 1 of 2" in peer_message, results[1]
     assert peer_seconds < TIMEOUT + 5, results[1]

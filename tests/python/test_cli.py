@@ -181,6 +181,24 @@ def test_argument_errors(capsys, args, needle):
     assert needle in assert_one_line_error(capsys.readouterr().err, f"epmoe {args[0]}")
 
 
+@pytest.mark.parametrize("extra, needle", [
+    (["--nodes", "2"], "--nodes only applies to --strategy hierarchical"),
+    (["--groups", "4"], "--groups only applies to --strategy hierarchical"),
+    (["--nodes", "2", "--groups", "4"], "--nodes and --groups only apply to --strategy hierarchical"),
+    (["--interval", "0", "--window", "5"], "--window needs rebalancing: --interval 0 never re-plans"),
+    (["--interval", "0", "--incremental"], "--incremental needs rebalancing"),
+    (["--interval", "0", "--max-moves", "2", "--window", "3"], "--window, --max-moves need rebalancing"),
+    (["--strategy", "hierarchical", "--nodes", "3"], "must be divisible by num_nodes (3)"),
+    (["--policies", "fastest"], "policies must be a non-empty subset"),
+    (["--ranks", "0"], "argument --ranks: must be an int >= 1, got 0"),
+    (["--top-k", "1000"], "top_k (1000) exceeds the 256 experts"),
+])
+def test_simulate_usage_errors(tmp_path, capsys, extra, needle):
+    assert run_main(["simulate", "--steps", "2", "-q", "-o", str(tmp_path / "sim"), *extra]) == 2
+    assert needle in assert_one_line_error(capsys.readouterr().err, "epmoe simulate")
+    assert not (tmp_path / "sim").exists()
+
+
 def test_top_level_errors(capsys):
     for args in (["bogus"], []):
         assert run_main(args) == 2
@@ -198,6 +216,7 @@ def test_demo_under_torchrun_rejects_another_rank_count(monkeypatch, capsys):
     ("demo", ["(default: 1024)", "(default: 4)", "(default: deepseek-v3-mini)", "(default: epmoe-demo)"]),
     ("plan", ["(default: global)"]),
     ("bench", ["(default: build/bench)"]),
+    ("simulate", ["(default: global)", "(default: 64)", "(default: 50)", "(default: deepseek-v3)"]),
 ])
 def test_help_shows_defaults(capsys, command, defaults):
     assert run_main([command, "--help"]) == 0

@@ -367,9 +367,11 @@ def add_parser(subparsers) -> argparse.ArgumentParser:
     add("--ranks", type=positive_int, default=64, help="EP size")
     add("--redundant", type=non_negative_int, default=None,
         help="redundant slots (default: the smallest >= experts / 8 divisible by the EP size)")
-    add("--nodes", type=positive_int, default=1, help="nodes (hierarchical strategy)")
-    add("--groups", type=positive_int, default=None, help="expert groups (default: the preset's)")
-    add("--strategy", choices=STRATEGIES, default="global")
+    add("--nodes", type=positive_int, default=None, help="nodes (--strategy hierarchical only; default: 1)")
+    add("--groups", type=positive_int, default=None,
+        help="expert groups (--strategy hierarchical only; default: the preset's)")
+    add("--strategy", choices=STRATEGIES, default="global",
+        help="global: replicas anywhere; hierarchical: expert groups packed onto nodes")
     add("--interval", type=non_negative_int, default=50, help="re-plan every this many steps, 0: never")
     add("--window", type=positive_int, default=None, help="steps each plan looks at (default: --interval)")
     add("--incremental", action="store_true",
@@ -392,16 +394,35 @@ def add_parser(subparsers) -> argparse.ArgumentParser:
     return parser
 
 
+def _check_options(args) -> None:
+    """Option combinations that would do nothing are usage errors (docs/errors.md)."""
+    from epmoe.cli import UsageError
+
+    if args.strategy != "hierarchical":
+        given = [name for name, value in (("--nodes", args.nodes), ("--groups", args.groups)) if value is not None]
+        if given:
+            raise UsageError(f"{' and '.join(given)} only appl{'y' if len(given) > 1 else 'ies'} to --strategy "
+                             "hierarchical")
+    if args.interval == 0:
+        given = [name for name, value in (("--window", args.window), ("--incremental", args.incremental or None),
+                                          ("--max-moves", args.max_moves)) if value is not None]
+        if given:
+            raise UsageError(f"{', '.join(given)} need{'s' if len(given) == 1 else ''} rebalancing: --interval 0 "
+                             "never re-plans")
+
+
 def _run(args) -> int:
     from epmoe._progress import Progress
 
+    _check_options(args)
     trace = read_trace(args.trace) if args.trace is not None else None
     steps = args.steps if args.steps is not None else (200 if trace is None else trace.shape[0])
     progress = Progress(steps, "epmoe simulate", enabled=not getattr(args, "quiet", False))
     try:
         report = simulate(
             trace, preset=args.preset, num_steps=args.steps, num_ranks=args.ranks, num_redundant=args.redundant,
-            num_nodes=args.nodes, num_groups=args.groups, strategy=args.strategy, interval=args.interval,
+            num_nodes=1 if args.nodes is None else args.nodes, num_groups=args.groups, strategy=args.strategy,
+            interval=args.interval,
             window=args.window, max_moves=args.max_moves, incremental=args.incremental, tokens_per_step=args.tokens,
             top_k=args.top_k, policies=[p.strip() for p in args.policies.split(",") if p.strip()],
             expert_bytes=args.expert_bytes, initial=_read_initial(args.initial) if args.initial else None,

@@ -84,6 +84,13 @@ class MoEConfig:
             raise ValueError(f"MoEConfig.replica_policy must be one of {eplb.POLICIES}, got {self.replica_policy!r}")
         if self.exchange_mode not in _MODES:
             raise ValueError(f"MoEConfig.exchange_mode must be one of {_MODES}, got {self.exchange_mode!r}")
+        if self.capacity is not None and (isinstance(self.capacity, bool) or not isinstance(self.capacity, int)
+                                          or self.capacity < 0):
+            raise ValueError(f"MoEConfig.capacity must be an int >= 0 (rows per rank pair) or None, got "
+                             f"{self.capacity!r}")
+        if self.exchange_mode == "capacity" and self.capacity is None:
+            raise ValueError("MoEConfig.capacity must be given (rows per source/destination rank pair) when "
+                             "exchange_mode='capacity'")
         if self.num_experts % self.num_groups != 0:
             raise ValueError(
                 f"MoEConfig.num_experts ({self.num_experts}) must be divisible by num_groups ({self.num_groups})"

@@ -686,6 +686,8 @@ def rebalance_model(model: nn.Module, *, optimizer=None, max_moves=None) -> list
     """Rebalances every `epmoe.MoE` of `model` with one planning call over all layers' [L, E] load (per set of
     layers sharing groups and shapes), moving weights, `.grad` and optimizer state (collective). Call it where
     `MoE.rebalance` may be called. Returns one stats dict per layer, in module order."""
+    if not isinstance(model, nn.Module):
+        raise TypeError(f"model must be a torch.nn.Module, got {type(model).__name__}")
     layers = moe_layers(model)
     stats = {}
     for members in _rebalance_sets(layers):

@@ -136,6 +136,13 @@ SINGLE = [
     ("config-scoring", lambda s: epmoe.MoE(_config(scoring="relu")), ValueError, "MoEConfig.scoring"),
     ("config-exchange_mode", lambda s: epmoe.MoE(_config(exchange_mode="fast")), ValueError,
      "MoEConfig.exchange_mode"),
+    ("config-capacity-missing", lambda s: epmoe.MoE(_config(exchange_mode="capacity")), ValueError,
+     "MoEConfig.capacity must be given"),
+    ("config-capacity-negative", lambda s: epmoe.MoE(_config(exchange_mode="capacity", capacity=-1)), ValueError,
+     "MoEConfig.capacity must be an int >= 0"),
+    ("rebalance_model-not-a-module", lambda s: epmoe.rebalance_model("model"), TypeError,
+     "model must be a torch.nn.Module, got str"),
+    ("sync_grads-not-a-module", lambda s: epmoe.sync_grads(3), TypeError, "model must be a torch.nn.Module, got int"),
     ("config-dtype", lambda s: epmoe.MoE(_config(dtype=torch.float64)), ValueError, "MoEConfig.dtype"),
     ("config-top_k", lambda s: epmoe.MoE(_config(top_k=E + 1)), ValueError, "MoEConfig.top_k"),
     # epmoe.eplb

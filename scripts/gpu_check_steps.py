@@ -83,6 +83,15 @@ def preflight(out_env: str, dry_run: bool) -> int:
             item(module, getattr(mod, "__version__", "?"))
         except ImportError as exc:
             item(module, f"missing: {exc}", False)
+    # setup.py's setuptools reads pyproject.toml, whose SPDX `license` string needs setuptools >= 77.
+    try:
+        import setuptools
+
+        major = int(re.match(r"\d+", setuptools.__version__).group())
+        item("setuptools", f"{setuptools.__version__}" + ("" if major >= 77 else " (the build needs >= 77)"),
+             major >= 77)  # fmt: skip
+    except ImportError as exc:
+        item("setuptools", f"missing: {exc}", False)
     home = os.environ.get("CUDA_HOME")
     nvcc = next((str(p) for p in ([Path(home) / "bin" / "nvcc"] if home else []) if p.exists()), None) or shutil.which(
         "nvcc")

@@ -70,6 +70,8 @@ done
 if [ -z "${CUDA_HOME:-}" ] && [ -n "$NVCC" ]; then
     export CUDA_HOME="$(dirname "$(dirname "$(readlink -f "$NVCC")")")"
 fi
+# The toolkit's tools (compute-sanitizer, cuobjdump) last on PATH: a machine's PATH may lack $CUDA_HOME/bin.
+[ -n "${CUDA_HOME:-}" ] && export PATH="$PATH:$CUDA_HOME/bin:$CUDA_HOME/compute-sanitizer"
 export PYTHONPATH="$ROOT/python${PYTHONPATH:+:$PYTHONPATH}"
 export PYTHONUNBUFFERED=1
 export EPMOE_CUDA_ARCHS="${EPMOE_CUDA_ARCHS:-90a}"
@@ -203,9 +205,11 @@ sanitize_cpp() {  # sanitize_cpp TOOL: the CUDA gtests under compute-sanitizer
 export ROOT OUT WORK PY DRY_RUN DRY_FLAG SANITIZER CPP_TESTS BENCH_ROUTE BENCH_EXPERTS CUDA_TEST_FILES
 export -f preflight gtest_fallback collect_cuda scripts_args build cpp_tests sanitize sanitize_cpp
 
-# The CUDA pytest file under the sanitizers, without its two largest cases (budget).
+# The CUDA pytest file under the sanitizers, without its two largest cases (budget) and its CUDA-graph test: a
+# capture needs the caching allocator, which PYTORCH_NO_CUDA_MEMORY_CACHING=1 turns off (every free is a cudaFree,
+# which a capture refuses, and a freed address may be handed out again inside the same graph).
 SANITIZED_PYTEST=(-m pytest -q -x -p no:cacheprovider tests/python/test_experts_cuda.py
-                  -k "not moe_layout_large and not grouped_gemms_match_cpu")
+                  -k "not moe_layout_large and not grouped_gemms_match_cpu and not cuda_graph")
 
 echo "epmoe GPU check ($([ "$DRY_RUN" = 1 ] && echo dry run || echo GPU)): python $PY, output $OUT"
 step preflight      20  -          0 preflight

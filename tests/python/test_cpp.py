@@ -52,3 +52,26 @@ def test_cpp(case):
     assert proc.returncode == 0, output
     if "[  SKIPPED ]" in output:
         pytest.skip(output.split("[  SKIPPED ]")[0].strip().splitlines()[-1])
+
+
+@pytest.mark.skipif(not BINARY.exists(), reason="C++ tests not built")
+def test_cuda_gtests_fail_without_gpu_when_required():
+    """EPMOE_REQUIRE_CUDA=1 (the GPU check's C++ and sanitizer steps) turns a CUDA gtest without a device into a
+    failure naming the reason; without it, the same gtests skip."""
+    import torch
+
+    if torch.cuda.is_available():
+        pytest.skip("checks the behaviour without a GPU")
+    filt = "--gtest_filter=*Cuda*"
+    env = {k: v for k, v in os.environ.items() if k != "EPMOE_REQUIRE_CUDA"}
+    listed = subprocess.run([str(BINARY), filt, "--gtest_list_tests"], capture_output=True, text=True, timeout=60)
+    if not any(line.startswith("  ") for line in listed.stdout.splitlines()):
+        pytest.skip("built without CUDA gtests")
+    plain = subprocess.run([str(BINARY), filt], env=env, capture_output=True, text=True, timeout=120)
+    assert plain.returncode == 0 and "[  SKIPPED ]" in plain.stdout and "[  FAILED  ]" not in plain.stdout, (
+        plain.stdout + plain.stderr)
+    required = subprocess.run([str(BINARY), filt], env={**env, "EPMOE_REQUIRE_CUDA": "1"}, capture_output=True,
+                              text=True, timeout=120)
+    out = required.stdout + required.stderr
+    assert required.returncode != 0 and "EPMOE_REQUIRE_CUDA=1 but no CUDA device" in out, out
+    assert "[  SKIPPED ]" not in out and "[  PASSED  ] 0 tests" in out, out

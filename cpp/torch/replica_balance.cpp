@@ -81,11 +81,7 @@ void balance_replicas_impl(const at::Tensor& topk_idx, const core::BalanceShape&
 at::Tensor balance_replicas_cpu(const at::Tensor& topk_idx, const at::Tensor& log2phy, const at::Tensor& logcnt,
                                 const std::optional<at::Tensor>& counts, const std::optional<at::Tensor>& prefix,
                                 int64_t num_slots, int64_t num_ranks) {
-    check_topk_idx(topk_idx);
-    const core::BalanceShape s = check_placement_maps(log2phy, logcnt, num_slots, num_ranks, 0, topk_idx);
-    check_counts(counts, "counts", s, 0, topk_idx);
-    check_counts(prefix, "prefix", s, 0, topk_idx);
-    TORCH_CHECK_VALUE(!prefix.has_value() || counts.has_value(), "prefix needs counts (the group's total pairs)");
+    const core::BalanceShape s = check_balance_args(topk_idx, log2phy, logcnt, counts, prefix, num_slots, num_ranks);
     const int64_t* l2p = log2phy.data_ptr<int64_t>();
     const int64_t* cnt = logcnt.data_ptr<int64_t>();
     check_placement_values(s, l2p, cnt, 1);

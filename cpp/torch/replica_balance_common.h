@@ -1,4 +1,5 @@
-// Argument checks of epmoe::balance_replicas and epmoe::replica_quotas, shared by the CPU and CUDA impls.
+// Argument checks of epmoe::balance_replicas, epmoe::replica_quotas and epmoe::replica_hash, shared by the CPU and
+// CUDA impls.
 #pragma once
 
 #include <ATen/core/Tensor.h>
@@ -7,11 +8,12 @@
 #include <optional>
 
 #include "cpp/core/replica_balance.h"
+#include "cpp/torch/dtype_name.h"
 
 namespace epmoe {
 
 inline void check_int64_tensor(const at::Tensor& t, const char* name, const at::Tensor& like) {
-    TORCH_CHECK_TYPE(t.scalar_type() == at::kLong, name, " must be int64, got ", t.scalar_type());
+    TORCH_CHECK_TYPE(t.scalar_type() == at::kLong, name, " must be int64, got ", dtype_name(t.scalar_type()));
     TORCH_CHECK_VALUE(t.is_contiguous(), name, " must be contiguous");
     TORCH_CHECK_VALUE(t.device() == like.device(), name, " must be on ", like.device(), ", got ", t.device());
 }
@@ -64,9 +66,33 @@ inline void check_counts(const std::optional<at::Tensor>& t, const char* name, c
 
 inline void check_topk_idx(const at::Tensor& topk_idx) {
     TORCH_CHECK_TYPE(topk_idx.scalar_type() == at::kInt || topk_idx.scalar_type() == at::kLong,
-                     "topk_idx must be int32 or int64, got ", topk_idx.scalar_type());
+                     "topk_idx must be int32 or int64, got ", dtype_name(topk_idx.scalar_type()));
     TORCH_CHECK_VALUE(topk_idx.dim() == 2, "topk_idx must have shape [num_tokens, num_topk], got ", topk_idx.sizes());
     TORCH_CHECK_VALUE(topk_idx.is_contiguous(), "topk_idx must be contiguous");
+}
+
+// The arguments of balance_replicas (one layer), as both impls take them; returns the problem shape.
+inline core::BalanceShape check_balance_args(const at::Tensor& topk_idx, const at::Tensor& log2phy,
+                                             const at::Tensor& logcnt, const std::optional<at::Tensor>& counts,
+                                             const std::optional<at::Tensor>& prefix, int64_t num_slots,
+                                             int64_t num_ranks) {
+    check_topk_idx(topk_idx);
+    const core::BalanceShape s = check_placement_maps(log2phy, logcnt, num_slots, num_ranks, 0, topk_idx);
+    check_counts(counts, "counts", s, 0, topk_idx);
+    check_counts(prefix, "prefix", s, 0, topk_idx);
+    TORCH_CHECK_VALUE(!prefix.has_value() || counts.has_value(), "prefix needs counts (the group's total pairs)");
+    return s;
+}
+
+// replica_hash: topk_idx int32/int64 [T, k]; log2phy int64 [E, M]; logcnt int64 [E]; contiguous, on one device.
+inline void check_replica_hash_args(const at::Tensor& topk_idx, const at::Tensor& log2phy, const at::Tensor& logcnt) {
+    check_topk_idx(topk_idx);
+    check_int64_tensor(log2phy, "log2phy", topk_idx);
+    check_int64_tensor(logcnt, "logcnt", topk_idx);
+    TORCH_CHECK_VALUE(log2phy.dim() == 2 && log2phy.size(0) >= 1 && log2phy.size(1) >= 1,
+                      "log2phy must have shape [num_experts, max_replicas], got ", log2phy.sizes());
+    TORCH_CHECK_VALUE(logcnt.dim() == 1 && logcnt.size(0) == log2phy.size(0), "logcnt must have shape [",
+                      log2phy.size(0), "] (num_experts of log2phy), got ", logcnt.sizes());
 }
 
 }  // namespace epmoe

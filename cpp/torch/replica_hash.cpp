@@ -9,7 +9,7 @@
 #include <cstdint>
 
 #include "cpp/core/replica_hash.h"
-#include "cpp/torch/replica_hash_common.h"
+#include "cpp/torch/replica_balance_common.h"
 
 namespace epmoe {
 namespace {

@@ -18,11 +18,7 @@ namespace {
 at::Tensor balance_replicas_cuda(const at::Tensor& topk_idx, const at::Tensor& log2phy, const at::Tensor& logcnt,
                                  const std::optional<at::Tensor>& counts, const std::optional<at::Tensor>& prefix,
                                  int64_t num_slots, int64_t num_ranks) {
-    check_topk_idx(topk_idx);
-    const core::BalanceShape s = check_placement_maps(log2phy, logcnt, num_slots, num_ranks, 0, topk_idx);
-    check_counts(counts, "counts", s, 0, topk_idx);
-    check_counts(prefix, "prefix", s, 0, topk_idx);
-    TORCH_CHECK_VALUE(!prefix.has_value() || counts.has_value(), "prefix needs counts (the group's total pairs)");
+    const core::BalanceShape s = check_balance_args(topk_idx, log2phy, logcnt, counts, prefix, num_slots, num_ranks);
     TORCH_CHECK_VALUE(s.num_experts <= cuda::kBalanceMaxExperts, "balance_replicas on CUDA supports at most ",
                       cuda::kBalanceMaxExperts, " experts, got ", s.num_experts);
     const c10::cuda::CUDAGuard guard(topk_idx.device());

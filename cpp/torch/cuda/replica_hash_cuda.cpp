@@ -5,7 +5,7 @@
 #include <c10/cuda/CUDAStream.h>
 #include <torch/library.h>
 
-#include "cpp/torch/replica_hash_common.h"
+#include "cpp/torch/replica_balance_common.h"
 #include "cuda/replica_hash.cuh"
 
 namespace epmoe {

@@ -19,6 +19,7 @@
 #include "cpp/core/expert_gemm.h"
 #include "cpp/core/gemm_nt.h"
 #include "cpp/core/gemm_panel.h"
+#include "cpp/torch/core_dtype.h"
 #include "cpp/torch/cpu_scratch.h"
 #include "cpp/torch/dtype_name.h"
 
@@ -39,10 +40,6 @@ Mode read_mode() {
     if (v == "native") return Mode::kNative;
     if (v == "aten") return Mode::kAten;
     TORCH_CHECK_VALUE(false, "EPMOE_CPU_GEMM must be 'auto', 'native' or 'aten', got '", v, "'");
-}
-
-DType core_dtype(at::ScalarType t) {
-    return t == at::kFloat ? DType::kFloat32 : t == at::kBFloat16 ? DType::kBFloat16 : DType::kFloat16;
 }
 
 bool native_available(at::ScalarType dtype) {

@@ -22,6 +22,7 @@
 #include <vector>
 
 #include "cpp/core/permute.h"
+#include "cpp/torch/core_dtype.h"
 #include "cpp/torch/cpu_scratch.h"
 #include "cpp/torch/expert_cpu.h"
 #include "cpp/torch/experts_common.h"
@@ -36,10 +37,6 @@ Layout call_layout(const at::Tensor& topk_idx, int64_t num_experts, const std::o
                                .findSchemaOrThrow("epmoe::moe_layout", "")
                                .typed<Layout(const at::Tensor&, int64_t, const std::optional<at::Tensor>&)>();
     return op.call(topk_idx, num_experts, expert_map);
-}
-
-DType core_dtype(at::ScalarType t) {
-    return t == at::kFloat ? DType::kFloat32 : t == at::kBFloat16 ? DType::kBFloat16 : DType::kFloat16;
 }
 
 at::Tensor fused_experts_forward_cpu(const at::Tensor& x, const at::Tensor& topk_idx, const at::Tensor& topk_weights,

@@ -15,6 +15,7 @@
 #include <vector>
 
 #include "cpp/core/permute.h"
+#include "cpp/torch/core_dtype.h"
 #include "cpp/torch/experts_common.h"
 
 namespace epmoe {
@@ -116,9 +117,7 @@ at::Tensor moe_unpermute_cpu(const at::Tensor& rows, const at::Tensor& slot_to_r
     const float* w = topk_weights.data_ptr<float>();
     const void* rows_ptr = rows.data_ptr();
     void* out_ptr = out.data_ptr();
-    const DType dtype = rows.scalar_type() == at::kFloat      ? DType::kFloat32
-                        : rows.scalar_type() == at::kBFloat16 ? DType::kBFloat16
-                                                              : DType::kFloat16;
+    const DType dtype = core_dtype(rows.scalar_type());
     // NOTES: ascending j, fp32, no FMA: the same order as the CUDA kernel, so both agree bitwise on fp32 sums.
     at::parallel_for(0, num_tokens, token_grain(hidden, num_topk), [&](int64_t begin, int64_t end) {
         core::unpermute_rows(dtype, rows_ptr, hidden, s2r, /*rows_by_slot=*/false, w, static_cast<int>(num_topk),

@@ -8,20 +8,11 @@
 #include <string>
 
 #include "cpp/core/route.h"
+#include "cpp/torch/core_dtype.h"
 #include "cpp/torch/dtype_name.h"
 #include "cpp/core/types.h"
 
 namespace epmoe {
-
-inline DType to_dtype(const at::Tensor& t, const char* name) {
-    switch (t.scalar_type()) {
-        case at::kFloat: return DType::kFloat32;
-        case at::kBFloat16: return DType::kBFloat16;
-        case at::kHalf: return DType::kFloat16;
-        default: TORCH_CHECK_TYPE(false, name, " must be float32, bfloat16 or float16, got ",
-                                  dtype_name(t.scalar_type()));
-    }
-}
 
 inline Scoring to_scoring(const std::string& scoring) {
     if (scoring == "softmax") return Scoring::kSoftmax;

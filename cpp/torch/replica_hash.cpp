@@ -6,7 +6,9 @@
 #include <torch/library.h>
 
 #include <algorithm>
+#include <atomic>
 #include <cstdint>
+#include <limits>
 
 #include "cpp/core/replica_hash.h"
 #include "cpp/torch/replica_balance_common.h"
@@ -14,21 +16,27 @@
 namespace epmoe {
 namespace {
 
+// Rows [begin, end); returns the first flat index in them whose id lies outside [-1, num_experts) (that slot is
+// written -1), or -1 when all are valid: ids are checked in the same pass.
 template <typename Idx>
-void replica_hash_rows(const Idx* idx, int64_t num_topk, const int64_t* log2phy, int64_t width, const int64_t* logcnt,
-                       int64_t token_offset, int64_t layer, int64_t begin, int64_t end, Idx* out) {
+int64_t replica_hash_rows(const Idx* idx, int64_t num_topk, int64_t num_experts, const int64_t* log2phy, int64_t width,
+                          const int64_t* logcnt, int64_t token_offset, int64_t layer, int64_t begin, int64_t end,
+                          Idx* out) {
+    int64_t first_bad = -1;
     for (int64_t t = begin; t < end; ++t) {
         for (int64_t j = 0; j < num_topk; ++j) {
             const int64_t f = t * num_topk + j;
             const int64_t e = idx[f];
-            if (e < 0) {
-                out[f] = idx[f];
+            if (e < 0 || e >= num_experts) {
+                if (e != -1 && first_bad < 0) first_bad = f;
+                out[f] = -1;
                 continue;
             }
             const int64_t replica = core::replica_of(core::replica_hash32(t + token_offset, j, layer), logcnt[e]);
             out[f] = static_cast<Idx>(log2phy[e * width + replica]);
         }
     }
+    return first_bad;
 }
 
 at::Tensor replica_hash_cpu(const at::Tensor& topk_idx, const at::Tensor& log2phy, const at::Tensor& logcnt,
@@ -43,16 +51,22 @@ at::Tensor replica_hash_cpu(const at::Tensor& topk_idx, const at::Tensor& log2ph
     auto out = at::empty_like(topk_idx);
     const int64_t num_tokens = topk_idx.size(0), num_topk = topk_idx.size(1);
     const auto run = [&](auto* idx, auto* dst) {
-        for (int64_t f = 0; f < topk_idx.numel(); ++f) {
-            TORCH_CHECK_VALUE(idx[f] >= -1 && idx[f] < num_experts, "topk_idx values must lie in [-1, ",
-                              num_experts, ") (num_experts of log2phy), got ", idx[f], " at flat index ", f);
-        }
-        // Serial below a few thousand slots: the pass costs less than waking the thread pool.
+        // Serial below a few thousand slots: the pass costs less than waking the thread pool. The lowest bad flat
+        // index over all chunks is reported, as a serial check would.
+        constexpr int64_t kNone = std::numeric_limits<int64_t>::max();
+        std::atomic<int64_t> first_bad{kNone};
         at::parallel_for(0, num_tokens, std::max<int64_t>(1, 4096 / std::max<int64_t>(num_topk, 1)),
                          [&](int64_t begin, int64_t end) {
-                             replica_hash_rows(idx, num_topk, log2phy.data_ptr<int64_t>(), width, cnt, token_offset,
-                                               layer, begin, end, dst);
+                             const int64_t bad = replica_hash_rows(idx, num_topk, num_experts, log2phy.data_ptr<int64_t>(),
+                                                                   width, cnt, token_offset, layer, begin, end, dst);
+                             int64_t seen = first_bad.load();
+                             while (bad >= 0 && bad < seen && !first_bad.compare_exchange_weak(seen, bad)) {
+                             }
                          });
+        const int64_t f = first_bad.load();
+        // (The message, idx[f] included, is built only when the check fails.)
+        TORCH_CHECK_VALUE(f == kNone, "topk_idx values must lie in [-1, ", num_experts, ") (num_experts of log2phy), got ",
+                          idx[f], " at flat index ", f);
     };
     if (topk_idx.scalar_type() == at::kInt) {
         run(topk_idx.data_ptr<int32_t>(), out.data_ptr<int32_t>());

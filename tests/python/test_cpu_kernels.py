@@ -11,12 +11,8 @@ import torch
 import torch.nn.functional as F
 from epmoe.experts import grouped_gemm, grouped_swiglu
 from epmoe.reference import experts_forward_reference
+from test_experts import TOL, make_problem
 
-TOL = {
-    torch.float32: {"atol": 1e-5, "rtol": 1e-4},
-    torch.bfloat16: {"atol": 3e-2, "rtol": 3e-2},
-    torch.float16: {"atol": 3e-3, "rtol": 3e-3},
-}
 _ops = torch.ops.epmoe
 
 
@@ -43,21 +39,6 @@ def use_backend(backend, dtype, monkeypatch):
     if backend == "native" and (dtype == torch.float16 or not native_supported(dtype, monkeypatch)):
         pytest.skip(f"no native {dtype} kernel on this CPU")
     monkeypatch.setenv("EPMOE_CPU_GEMM", backend)
-
-
-def make_problem(num_tokens, num_topk, num_experts, hidden, inter, dtype, seed=0, skip_frac=0.1, hot=None):
-    """Random routing (distinct ids per token, some -1); with `hot`, every token's first slot goes to expert `hot`."""
-    gen = torch.Generator().manual_seed(seed)
-    ids = torch.rand(num_tokens, num_experts, generator=gen).topk(num_topk, dim=-1).indices.to(torch.int32)
-    if hot is not None:
-        ids = torch.where(ids == hot, ids[:, :1], ids)
-        ids[:, 0] = hot
-    ids = torch.where(torch.rand(ids.shape, generator=gen) < skip_frac, torch.full_like(ids, -1), ids)
-    weights = torch.rand(num_tokens, num_topk, generator=gen)
-    x = torch.randn(num_tokens, hidden, generator=gen).to(dtype)
-    w13 = (torch.randn(num_experts, 2 * inter, hidden, generator=gen) * hidden**-0.5).to(dtype)
-    w2 = (torch.randn(num_experts, hidden, inter, generator=gen) * inter**-0.5).to(dtype)
-    return x, ids, weights, w13, w2
 
 
 # Shapes: decode (NT kernels), segments of 24..100 rows (panel kernels with row tails), K tails of every kind

@@ -14,9 +14,13 @@ TOL = {
 }
 
 
-def make_problem(num_tokens, num_topk, num_experts, hidden, inter, dtype, seed=0, skip_frac=0.1):
+def make_problem(num_tokens, num_topk, num_experts, hidden, inter, dtype, seed=0, skip_frac=0.1, hot=None):
+    """Random routing (distinct ids per token, some -1); with `hot`, every token's first slot goes to expert `hot`."""
     gen = torch.Generator().manual_seed(seed)
     ids = torch.rand(num_tokens, num_experts, generator=gen).topk(num_topk, dim=-1).indices.to(torch.int32)
+    if hot is not None:
+        ids = torch.where(ids == hot, ids[:, :1], ids)
+        ids[:, 0] = hot
     ids = torch.where(torch.rand(ids.shape, generator=gen) < skip_frac, torch.full_like(ids, -1), ids)
     weights = torch.rand(num_tokens, num_topk, generator=gen)
     x = torch.randn(num_tokens, hidden, generator=gen).to(dtype)

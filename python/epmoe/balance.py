@@ -56,6 +56,11 @@ def _sum_over_ranks(t: torch.Tensor, moe) -> torch.Tensor:
     return t
 
 
+def enabled(cfg) -> bool:
+    """Whether a training forward has balance work: an aux or z loss, or the bias update's counts."""
+    return cfg.aux_loss is not None or cfg.z_loss_coeff != 0 or cfg.bias_update_rate > 0
+
+
 def routing_losses(moe, logits: torch.Tensor, topk_idx: torch.Tensor, leading_shape) -> torch.Tensor | None:
     """The enabled balance terms of one forward, summed (None when none is enabled).
 

@@ -192,6 +192,14 @@ def _fused_experts_forward_fake(x, topk_idx, topk_weights, w13, w2, expert_map, 
     return torch.empty_like(x)
 
 
+@torch.library.register_fake("epmoe::fused_moe_forward")
+def _fused_moe_forward_fake(x, router_logits, top_k, scoring, num_groups, topk_groups, bias, renormalize,
+                            scaling_factor, log2phy, logcnt, token_offset, layer, w13, w2, load_counts=None,
+                            shared_gate=None, shared_up=None, shared_down=None):
+    torch._check(x.dim() == 2, lambda: "x must be 2-D [num_tokens, hidden]")
+    return torch.empty_like(x)
+
+
 # ---------------------------------------------------------------------------------------------------------------
 # Autograd
 

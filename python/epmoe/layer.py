@@ -482,6 +482,11 @@ class MoE(nn.Module):
                                like="the layer's parameters")
         shape = hidden_states.shape
         x = hidden_states.reshape(-1, cfg.hidden_size)
+        if not torch.is_grad_enabled() and not self.distributed and (not self.training or not balance.enabled(cfg)):
+            out = self._forward_inference(x)
+            if out is not None:
+                self.aux_loss = None
+                return out.to(hidden_states.dtype).reshape(shape)
         logits = self.router_logits(x)
         topk_weights, topk_idx = self.route(x, logits)
         # Balance losses and the bias-update counts see training forwards only (epmoe.balance).
@@ -517,6 +522,30 @@ class MoE(nn.Module):
         # In place: `routed` is a fresh tensor no autograd node saved, and a new [T, H] buffer costs page faults.
         out = routed if shared is None else routed.add_(shared)
         return out.to(hidden_states.dtype).reshape(shape)
+
+    def _forward_inference(self, x: torch.Tensor) -> torch.Tensor | None:
+        """The one-process inference forward (grad mode off; eval mode or no balance terms): the router GEMM, then routing, replica
+        choice, load count and experts in one op (`torch.ops.epmoe.fused_moe_forward`: the ops of the general path
+        in its order, so the same result bit for bit, without three Python calls and dispatches that at decode cost
+        more than the routing they run). x [T, H] -> [T, H] in the compute dtype; None where it does not
+        apply (a non-hash replica policy, wrapped or hooked shared experts): then the general path runs."""
+        cfg = self.config
+        shared = self._fused_shared_weights(x)
+        if shared is None or cfg.replica_policy != "hash":
+            return None
+        if self._log2phy.device != x.device:  # the module was moved after the placement was installed
+            self._install_placement(self.placement)
+        bias = self.e_score_correction_bias
+        logits = self.router_logits(x)
+        gate, up, down = (t.contiguous() for t in shared) if shared else (None, None, None)
+        out = torch.ops.epmoe.fused_moe_forward(
+            x.to(self.w13.dtype).contiguous(), logits.contiguous(), cfg.top_k, cfg.scoring, cfg.num_groups,
+            cfg.topk_groups, None if bias is None else bias.float().contiguous(), cfg.renormalize,
+            cfg.scaling_factor, self._log2phy, self._logcnt, self.rank << 24, self.layer_idx, self.w13.contiguous(),
+            self.w2.contiguous(), self.recorder.counts(0) if cfg.record_load else None, gate, up, down)
+        if cfg.record_load:
+            self.recorder.step()
+        return out
 
     def _fused_shared_weights(self, x: torch.Tensor) -> tuple | None:
         """(gate, up, down) weights of the shared experts when the forward may run them inside the fused inference

@@ -62,7 +62,6 @@ def test_replica_choice_rejects_bad_input():
 
 
 @pytest.mark.cuda
-@pytest.mark.cuda
 def test_replica_choice_cuda_matches_cpu():
     p = Placement(np.array([[0, 1, 2, 3, 0, 0, 1, 2]]), 4, 2)
     topk_idx = torch.randint(-1, 4, (4096, 2), dtype=torch.int32)

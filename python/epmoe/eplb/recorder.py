@@ -59,6 +59,11 @@ class LoadRecorder:
         except ValueError as exc:  # the op checks the ids in the same pass (no extra cost when they are valid)
             raise ValueError(f"phys_idx values must lie in [-1, {self.num_slots}) (num_slots): {exc}") from exc
 
+    def counts(self, layer: int) -> torch.Tensor:
+        """The int64 [num_slots] counters of `layer` in the step in progress (what `record` adds to), for ops that
+        count in place (`torch.ops.epmoe.fused_moe_forward`)."""
+        return self._rows[self._cursor][layer]
+
     def step(self) -> None:
         """Closes the current step; the next one overwrites the oldest step of the window."""
         self._cursor = (self._cursor + 1) % (self.window_size + 1)

@@ -197,7 +197,7 @@ def _fused_moe_forward_fake(x, router_logits, top_k, scoring, num_groups, topk_g
                             scaling_factor, log2phy, logcnt, token_offset, layer, w13, w2, load_counts=None,
                             shared_gate=None, shared_up=None, shared_down=None):
     torch._check(x.dim() == 2, lambda: "x must be 2-D [num_tokens, hidden]")
-    return torch.empty_like(x)
+    return x.new_empty(x.shape, dtype=w13.dtype)
 
 
 # ---------------------------------------------------------------------------------------------------------------

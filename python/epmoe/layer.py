@@ -10,6 +10,7 @@ import torch
 import torch.distributed as dist
 import torch.nn.functional as F
 from torch import nn
+from torch.nn.modules import module as _nn_module
 
 from epmoe import _validate, balance, eplb, training
 from epmoe.experts import experts_forward, fused_experts_forward, grouped_swiglu_experts
@@ -524,45 +525,52 @@ class MoE(nn.Module):
         return out.to(hidden_states.dtype).reshape(shape)
 
     def _forward_inference(self, x: torch.Tensor) -> torch.Tensor | None:
-        """The one-process inference forward (grad mode off; eval mode or no balance terms): the router GEMM, then routing, replica
-        choice, load count and experts in one op (`torch.ops.epmoe.fused_moe_forward`: the ops of the general path
-        in its order, so the same result bit for bit, without three Python calls and dispatches that at decode cost
-        more than the routing they run). x [T, H] -> [T, H] in the compute dtype; None where it does not
-        apply (a non-hash replica policy, wrapped or hooked shared experts): then the general path runs."""
+        """The one-process inference forward (grad mode off; eval mode, or training without balance terms): the
+        router GEMM, then routing, replica choice, load count and experts in one op (`torch.ops.epmoe.
+        fused_moe_forward`: the general path's ops in its order, so the same result bit for bit, without three
+        Python calls and dispatches that at decode cost more than the routing they run). x [T, H] -> [T, H] in the
+        compute dtype; None where it does not apply (a non-hash replica policy, wrapped or hooked shared experts):
+        then the general path runs."""
         cfg = self.config
         shared = self._fused_shared_weights(x)
         if shared is None or cfg.replica_policy != "hash":
             return None
         if self._log2phy.device != x.device:  # the module was moved after the placement was installed
             self._install_placement(self.placement)
-        bias = self.e_score_correction_bias
         logits = self.router_logits(x)
-        gate, up, down = (t.contiguous() for t in shared) if shared else (None, None, None)
         out = torch.ops.epmoe.fused_moe_forward(
-            x.to(self.w13.dtype).contiguous(), logits.contiguous(), cfg.top_k, cfg.scoring, cfg.num_groups,
-            cfg.topk_groups, None if bias is None else bias.float().contiguous(), cfg.renormalize,
-            cfg.scaling_factor, self._log2phy, self._logcnt, self.rank << 24, self.layer_idx, self.w13.contiguous(),
-            self.w2.contiguous(), self.recorder.counts(0) if cfg.record_load else None, gate, up, down)
+            x, logits, cfg.top_k, cfg.scoring, cfg.num_groups, cfg.topk_groups, self.e_score_correction_bias,
+            cfg.renormalize, cfg.scaling_factor, self._log2phy, self._logcnt, self.rank << 24, self.layer_idx,
+            self.w13, self.w2, self.recorder.counts(0) if cfg.record_load else None, *(shared or (None,) * 3))
         if cfg.record_load:
             self.recorder.step()
         return out
 
     def _fused_shared_weights(self, x: torch.Tensor) -> tuple | None:
         """(gate, up, down) weights of the shared experts when the forward may run them inside the fused inference
-        op: no autograd wanted, and the shared experts are this layer's own plain linear layers with no hooks (so
-        nothing that wraps or observes them is bypassed). () when there are none; None otherwise."""
-        if torch.is_grad_enabled() and (x.requires_grad or self.w13.requires_grad or self.w2.requires_grad):
+        op: no autograd wanted, and the shared experts are this layer's own plain linear layers with no hooks (their
+        own or global ones: nothing that wraps or observes them is bypassed). () when there are none; None
+        otherwise. Runs at every decode step: dictionary lookups rather than nn.Module attribute access."""
+        grad = torch.is_grad_enabled()
+        if grad and (x.requires_grad or self.w13.requires_grad or self.w2.requires_grad):
             return None
         se = self.shared_experts
         if se is None:
             return ()
-        linears = (se.gate_proj, se.up_proj, se.down_proj)
-        if type(se) is not _SharedExperts or se._forward_hooks or se._forward_pre_hooks:
+        if (type(se) is not _SharedExperts or se._forward_hooks or se._forward_pre_hooks
+                or _nn_module._global_forward_hooks or _nn_module._global_forward_pre_hooks):
             return None
-        if any(type(lin) is not nn.Linear or lin.bias is not None or lin._forward_hooks or lin._forward_pre_hooks
-               or (torch.is_grad_enabled() and lin.weight.requires_grad) for lin in linears):
-            return None
-        return tuple(lin.weight for lin in linears)
+        weights = []
+        for name in ("gate_proj", "up_proj", "down_proj"):
+            lin = se._modules.get(name)
+            if (type(lin) is not nn.Linear or lin._forward_hooks or lin._forward_pre_hooks
+                    or lin._parameters.get("bias") is not None):
+                return None
+            weight = lin._parameters["weight"]
+            if grad and weight.requires_grad:
+                return None
+            weights.append(weight)
+        return tuple(weights)
 
     @classmethod
     def from_hf(cls, block: nn.Module, process_group: dist.ProcessGroup | None = None, **kwargs) -> MoE:

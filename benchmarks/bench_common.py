@@ -17,6 +17,7 @@ import datetime
 import multiprocessing as mp
 import os
 import platform
+import queue as queue_module
 import socket
 import statistics
 import time
@@ -144,7 +145,8 @@ def _gloo_rank(fn, rank: int, world: int, port: int, args: tuple, timeout_s: flo
 
 def run_gloo_ranks(fn, world: int, *args, timeout_s: float = 600) -> list:
     """[fn(rank, world, *args) for each rank], each rank a spawned process in one gloo group on a free port (fn: a
-    module-level function; its collectives time out after timeout_s). Raises if any rank raised or none answered."""
+    module-level function; its collectives time out after timeout_s). Raises if any rank raised, died without a result,
+    or gave none within timeout_s + 60 s."""
     ctx = mp.get_context("spawn")
     queue = ctx.Queue()
     with socket.socket() as s:
@@ -153,11 +155,27 @@ def run_gloo_ranks(fn, world: int, *args, timeout_s: float = 600) -> list:
     procs = [ctx.Process(target=_gloo_rank, args=(fn, r, world, port, args, timeout_s, queue)) for r in range(world)]
     for p in procs:
         p.start()
+    results, deadline = {}, time.monotonic() + timeout_s + 60
     try:
-        results = dict(queue.get(timeout=timeout_s + 60) for _ in range(world))
+        while len(results) < world:
+            try:
+                rank, result = queue.get(timeout=1.0)
+                results[rank] = result
+                continue
+            except queue_module.Empty:
+                pass
+            # A rank that died without reporting (killed, or failed before its first line ran) fails the run now,
+            # not after the timeout.
+            for r, p in enumerate(procs):
+                if r not in results and p.exitcode not in (None, 0):
+                    raise RuntimeError(f"{world} gloo ranks failed: rank {r} exited with code {p.exitcode} before "
+                                       "reporting a result")
+            if time.monotonic() > deadline:
+                missing = sorted(set(range(world)) - set(results))
+                raise TimeoutError(f"{world} gloo ranks: no result from rank(s) {missing} after {timeout_s + 60:.0f} s")
     finally:
-        for p in procs:
-            p.join(timeout=30)
+        for p in procs:  # after a failure the other ranks would wait on their collectives' timeout: stop them
+            p.join(timeout=30 if len(results) == world else 0)
             if p.is_alive():
                 p.kill()
     errors = [f"rank {r}: {res['error']}" for r, res in sorted(results.items()) if "error" in res]

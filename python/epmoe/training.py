@@ -105,8 +105,10 @@ def _propagate_ddp_names(module, name, submodule):
 
 
 def _add_ddp_names(module: nn.Module, names: list) -> None:
-    own = list(dict.fromkeys(list(getattr(module, "_epmoe_ddp_names", [])) + names))
-    ignored = list(dict.fromkeys(list(getattr(module, "_ddp_params_and_buffers_to_ignore", [])) + names))
+    # The instance dict, not getattr: the hook also runs inside wrappers' __init__ (torch.compile's OptimizedModule
+    # registering `_orig_mod`), whose __getattr__ fails with a KeyError before the wrapped module is set.
+    own = list(dict.fromkeys(list(module.__dict__.get("_epmoe_ddp_names", [])) + names))
+    ignored = list(dict.fromkeys(list(module.__dict__.get("_ddp_params_and_buffers_to_ignore", [])) + names))
     object.__setattr__(module, "_epmoe_ddp_names", own)
     object.__setattr__(module, "_ddp_params_and_buffers_to_ignore", ignored)
 

@@ -116,6 +116,14 @@ def test_plan_usage_errors(load_file, tmp_path, capsys, extra, needle):
     assert not (tmp_path / "p.json").exists()
 
 
+def test_plan_into_a_missing_folder_fails_before_planning(load_file, tmp_path, capsys):
+    args = ["plan", str(load_file), "--slots", "16", "--ranks", "4", "-o", str(tmp_path / "no" / "p.json")]
+    assert run_main(args) == 2
+    out, err = capsys.readouterr()
+    assert "--output: the folder" in assert_one_line_error(err, "epmoe plan") and "does not exist" in err
+    assert out == ""  # no summary of a plan that is not written
+
+
 def run_main(args) -> int:
     """main()'s exit status, whether it returns it or argparse exits."""
     try:

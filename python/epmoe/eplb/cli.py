@@ -91,6 +91,9 @@ def _check_options(args) -> None:
         raise UsageError(f"{' and '.join(hierarchical_opts)} only {verb} to --strategy hierarchical")
     if args.max_moves is not None and args.previous is None:
         raise UsageError("--max-moves needs --previous (the placement to repair)")
+    folder = Path(args.output).parent
+    if not folder.is_dir():  # checked before planning: nothing is printed for a plan that cannot be written
+        raise UsageError(f"--output: the folder {folder} does not exist")
 
 
 def _starting_placement(num_layers: int, num_experts: int, num_slots: int, num_ranks: int) -> tuple:

@@ -32,15 +32,18 @@ def as_load_array(load, name: str = "load") -> np.ndarray:
     if isinstance(load, torch.Tensor):
         if load.is_meta:
             raise ValueError(f"{name} is a meta tensor: the planner needs the load values")
-        if load.is_complex():
-            raise TypeError(f"{name} must be real, got {str(load.dtype).removeprefix('torch.')}")
+        if load.is_complex() or load.dtype == torch.bool:
+            raise TypeError(f"{name} must be real numbers (token counts), got {str(load.dtype).removeprefix('torch.')}")
         arr = load.detach().to("cpu", torch.float64).numpy()
     else:
         try:
+            is_bool = np.asarray(load).dtype == np.bool_
             arr = np.asarray(load, dtype=np.float64)
         except (TypeError, ValueError) as exc:
             raise TypeError(f"{name} must be a numeric tensor, array or nested list, "
                             f"got {type(load).__name__}") from exc
+        if is_bool:  # True/False are not token counts
+            raise TypeError(f"{name} must be real numbers (token counts), got bool")
     if arr.ndim == 1:
         arr = arr[None, :]
     if arr.ndim != 2 or arr.shape[0] == 0 or arr.shape[1] == 0:

@@ -483,6 +483,8 @@ class MoE(nn.Module):
                                like="the layer's parameters")
         shape = hidden_states.shape
         x = hidden_states.reshape(-1, cfg.hidden_size)
+        if self._log2phy.device != x.device:  # the module was moved after the placement was installed
+            self._install_placement(self.placement)
         if not torch.is_grad_enabled() and not self.distributed and (not self.training or not balance.enabled(cfg)):
             out = self._forward_inference(x)
             if out is not None:
@@ -492,8 +494,6 @@ class MoE(nn.Module):
         topk_weights, topk_idx = self.route(x, logits)
         # Balance losses and the bias-update counts see training forwards only (epmoe.balance).
         self.aux_loss = balance.after_routing(self, logits, topk_idx, shape[:-1]) if self.training else None
-        if self._log2phy.device != x.device:  # the module was moved after the placement was installed
-            self._install_placement(self.placement)
         # Replica choice by cfg.replica_policy; for the hashes the rank salts the token index so ranks spread
         # differently, "balanced" exchanges the counts over the EP group.
         slot_idx = eplb.map_to_physical(topk_idx, self.placement, self.layer_idx, token_offset=self.rank << 24,
@@ -535,8 +535,6 @@ class MoE(nn.Module):
         shared = self._fused_shared_weights(x)
         if shared is None or cfg.replica_policy != "hash":
             return None
-        if self._log2phy.device != x.device:  # the module was moved after the placement was installed
-            self._install_placement(self.placement)
         logits = self.router_logits(x)
         out = torch.ops.epmoe.fused_moe_forward(
             x, logits, cfg.top_k, cfg.scoring, cfg.num_groups, cfg.topk_groups, self.e_score_correction_bias,

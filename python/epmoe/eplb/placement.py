@@ -37,12 +37,12 @@ def as_load_array(load, name: str = "load") -> np.ndarray:
         arr = load.detach().to("cpu", torch.float64).numpy()
     else:
         try:
-            is_bool = np.asarray(load).dtype == np.bool_
-            arr = np.asarray(load, dtype=np.float64)
+            raw = np.asarray(load)
+            arr = raw.astype(np.float64)
         except (TypeError, ValueError) as exc:
             raise TypeError(f"{name} must be a numeric tensor, array or nested list, "
                             f"got {type(load).__name__}") from exc
-        if is_bool:  # True/False are not token counts
+        if raw.dtype == np.bool_:  # True/False are not token counts
             raise TypeError(f"{name} must be real numbers (token counts), got bool")
     if arr.ndim == 1:
         arr = arr[None, :]

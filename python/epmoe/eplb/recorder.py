@@ -55,7 +55,7 @@ class LoadRecorder:
             phys_idx = phys_idx.to(torch.int32).contiguous()
         # A fused counting op (CPU loop / CUDA shared-memory histogram): no sync, no temporaries.
         try:
-            torch.ops.epmoe.count_slots(self._rows[self._cursor][layer], phys_idx)
+            torch.ops.epmoe.count_slots(self.counts(layer), phys_idx)
         except ValueError as exc:  # the op checks the ids in the same pass (no extra cost when they are valid)
             raise ValueError(f"phys_idx values must lie in [-1, {self.num_slots}) (num_slots): {exc}") from exc
 

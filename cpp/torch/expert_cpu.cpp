@@ -12,7 +12,9 @@
 #include <cstdlib>
 #include <cstring>
 #include <functional>
+#include <memory>
 #include <string>
+#include <thread>
 #include <utility>
 
 #include "cpp/core/cpu_features.h"
@@ -143,7 +145,7 @@ std::vector<Item> make_items(const std::vector<ItemSpec>& specs) {
     // Decode items (a few rows: weight streaming) are cut finer, so that the last ones to finish are short.
     const int64_t num_row_items = static_cast<int64_t>(row_items.size());
     const bool streaming = total_rows < 32 * num_row_items;
-    const int64_t target = (streaming ? 16 : 4) * static_cast<int64_t>(at::get_num_threads());
+    const int64_t target = (streaming ? 8 : 4) * static_cast<int64_t>(at::get_num_threads());
     const int64_t wanted_splits = (target + num_row_items - 1) / num_row_items;
     std::vector<Item> items;
     for (const Item& it : row_items) {
@@ -161,10 +163,12 @@ std::vector<Item> make_items(const std::vector<ItemSpec>& specs) {
     return items;
 }
 
+namespace {
+
+// Runs fn(i) for i in [0, num_items) on the intra-op threads, each claiming the next unclaimed index.
 // NOTES: dynamic claiming, because segments differ in size under skewed routing and a static split of the item
 // list would leave a core idle.
-void run_items(const std::vector<Item>& items, const std::function<void(const Item&)>& fn) {
-    const int64_t num_items = static_cast<int64_t>(items.size());
+void run_claimed(int64_t num_items, const std::function<void(int64_t)>& fn) {
     const int64_t num_workers = std::min<int64_t>(at::get_num_threads(), num_items);
     if (num_workers == 0) return;
     std::atomic<int64_t> next{0};
@@ -174,9 +178,15 @@ void run_items(const std::vector<Item>& items, const std::function<void(const It
     at::parallel_for(0, num_workers, 1, [&](int64_t begin, int64_t end) {
         const at::ThreadLocalStateGuard state_guard(state);
         for (int64_t w = begin; w < end; ++w) {
-            for (int64_t i = next.fetch_add(1); i < num_items; i = next.fetch_add(1)) fn(items[i]);
+            for (int64_t i = next.fetch_add(1); i < num_items; i = next.fetch_add(1)) fn(i);
         }
     });
+}
+
+}  // namespace
+
+void run_items(const std::vector<Item>& items, const std::function<void(const Item&)>& fn) {
+    run_claimed(static_cast<int64_t>(items.size()), [&](int64_t i) { fn(items[i]); });
 }
 
 std::vector<int64_t> read_offsets(const at::Tensor& expert_offsets, int64_t num_rows) {
@@ -233,9 +243,9 @@ SwigluSegments swiglu_group(std::vector<int64_t> offsets, const void* const* a_r
     return SwigluSegments{std::move(offsets), a_rows, w13.narrow(1, 0, inter), w13.narrow(1, inter, inter), h_rows};
 }
 
-void swiglu_segments(const std::vector<SwigluSegments>& groups) {
-    if (groups.empty()) return;
-    const Mode mode = checked_mode(groups[0].gate.scalar_type());
+namespace {
+
+std::vector<ItemSpec> swiglu_specs(const std::vector<SwigluSegments>& groups) {
     std::vector<ItemSpec> specs;
     for (const SwigluSegments& g : groups) {
         check_rows(g.gate, "gate");
@@ -246,21 +256,81 @@ void swiglu_segments(const std::vector<SwigluSegments>& groups) {
         specs.push_back({&g.offsets, g.gate.size(1), max_item_rows(hidden, g.gate.element_size()), kSwigluColAlign,
                          hidden});
     }
-    const std::vector<Item> items = make_items(specs);
-    run_items(items, [&](const Item& it) { swiglu_item(mode, it, groups[it.group]); });
+    return specs;
 }
 
-void gemm_segments(const std::vector<GemmSegments>& groups) {
-    if (groups.empty()) return;
-    const Mode mode = checked_mode(groups[0].w.scalar_type());
+std::vector<ItemSpec> gemm_specs(const std::vector<GemmSegments>& groups) {
     std::vector<ItemSpec> specs;
     for (const GemmSegments& g : groups) {
         check_rows(g.w, "w");
         const int64_t depth = g.w.size(2);
         specs.push_back({&g.offsets, g.w.size(1), max_item_rows(depth, g.w.element_size()), kGemmColAlign, depth});
     }
-    const std::vector<Item> items = make_items(specs);
+    return specs;
+}
+
+}  // namespace
+
+void swiglu_segments(const std::vector<SwigluSegments>& groups) {
+    if (groups.empty()) return;
+    const Mode mode = checked_mode(groups[0].gate.scalar_type());
+    const std::vector<Item> items = make_items(swiglu_specs(groups));
+    run_items(items, [&](const Item& it) { swiglu_item(mode, it, groups[it.group]); });
+}
+
+void gemm_segments(const std::vector<GemmSegments>& groups) {
+    if (groups.empty()) return;
+    const Mode mode = checked_mode(groups[0].w.scalar_type());
+    const std::vector<Item> items = make_items(gemm_specs(groups));
     run_items(items, [&](const Item& it) { gemm_item(mode, it, groups[it.group]); });
+}
+
+void swiglu_gemm_segments(const std::vector<SwigluSegments>& swiglu_groups,
+                          const std::vector<GemmSegments>& gemm_groups) {
+    TORCH_CHECK(swiglu_groups.size() == gemm_groups.size(), "swiglu_gemm_segments: ", swiglu_groups.size(),
+                " SwiGLU groups but ", gemm_groups.size(), " GEMM groups");
+    if (swiglu_groups.empty()) return;
+    const Mode mode = checked_mode(swiglu_groups[0].gate.scalar_type());
+    // Segment (group, expert) -> key; its pending SwiGLU items, and the list position of its last one.
+    std::vector<int64_t> key_base(swiglu_groups.size() + 1, 0);
+    for (size_t g = 0; g < swiglu_groups.size(); ++g) {
+        TORCH_CHECK(swiglu_groups[g].offsets == gemm_groups[g].offsets, "swiglu_gemm_segments: GEMM group ", g,
+                    " must have the offsets of SwiGLU group ", g);
+        key_base[g + 1] = key_base[g] + std::max<int64_t>(0, static_cast<int64_t>(swiglu_groups[g].offsets.size()) - 1);
+    }
+    const auto key = [&](const Item& it) { return key_base[it.group] + it.expert; };
+    const std::vector<Item> first = make_items(swiglu_specs(swiglu_groups));
+    std::vector<Item> second = make_items(gemm_specs(gemm_groups));
+    std::unique_ptr<std::atomic<int64_t>[]> pending(new std::atomic<int64_t>[key_base.back()]);
+    std::vector<int64_t> last_position(key_base.back(), 0);
+    for (int64_t k = 0; k < key_base.back(); ++k) pending[k].store(0, std::memory_order_relaxed);
+    for (size_t i = 0; i < first.size(); ++i) {
+        pending[key(first[i])].fetch_add(1, std::memory_order_relaxed);
+        last_position[key(first[i])] = static_cast<int64_t>(i);
+    }
+    std::stable_sort(second.begin(), second.end(), [&](const Item& a, const Item& b) {
+        return last_position[key(a)] < last_position[key(b)];
+    });
+    const int64_t num_first = static_cast<int64_t>(first.size());
+    std::atomic<bool> failed{false};
+    run_claimed(num_first + static_cast<int64_t>(second.size()), [&](int64_t i) {
+        try {
+            if (i < num_first) {
+                swiglu_item(mode, first[i], swiglu_groups[first[i].group]);
+                pending[key(first[i])].fetch_sub(1, std::memory_order_release);
+                return;
+            }
+            const Item& it = second[i - num_first];
+            while (pending[key(it)].load(std::memory_order_acquire) > 0) {
+                if (failed.load(std::memory_order_relaxed)) return;  // the item it waits for threw
+                std::this_thread::yield();
+            }
+            gemm_item(mode, it, gemm_groups[it.group]);
+        } catch (...) {
+            failed.store(true, std::memory_order_relaxed);
+            throw;
+        }
+    });
 }
 
 }  // namespace epmoe::cpu

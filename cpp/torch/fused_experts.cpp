@@ -5,8 +5,9 @@
 // grouped_swiglu -> grouped_gemm -> moe_unpermute, then `+ shared(x)` in x.dtype), which is also this op's impl on
 // other devices. The CPU impl skips the permuted copy of x: the SwiGLU GEMM reads token rows through pointers, the
 // down GEMM writes its rows slot-major (row of slot t * k + j) into reused scratch, and the combine reads each
-// token's k rows contiguously. The shared expert's items run in the same parallel regions as the routed ones (its
-// weights stream alongside theirs at decode) and its rows are added in the combine pass.
+// token's k rows contiguously. Both GEMMs run in one parallel region (cpu::swiglu_gemm_segments), the shared
+// expert's items among the routed ones (its weights stream alongside theirs at decode); its rows are added in the
+// combine pass.
 #include <ATen/Parallel.h>
 #include <ATen/core/Tensor.h>
 #include <ATen/core/dispatch/Dispatcher.h>
@@ -91,8 +92,7 @@ at::Tensor fused_experts_forward_cpu(const at::Tensor& x, const at::Tensor& topk
         gemm_groups.push_back(
             cpu::GemmSegments{{0, num_tokens}, hs_in_rows.data(), shared_down->unsqueeze(0), ys_rows.data()});
     }
-    cpu::swiglu_segments(swiglu_groups);
-    cpu::gemm_segments(gemm_groups);
+    cpu::swiglu_gemm_segments(swiglu_groups, gemm_groups);
 
     // ---- combine: out[t] = sum_j w[t, j] * y[t * k + j] in fp32, ascending j (+ the shared row)
     auto out = at::empty({num_tokens, hidden}, x.options());

@@ -174,6 +174,14 @@ class _SharedExperts(nn.Module):
         return self.down_proj(F.silu(self.gate_proj(x)) * self.up_proj(x))
 
 
+def _like_input(out: torch.Tensor, hidden_states: torch.Tensor) -> torch.Tensor:
+    """The layer's output [T, H] in the shape and dtype of its input (no op when they match: decode runs it per
+    layer and token)."""
+    if out.dtype != hidden_states.dtype:
+        out = out.to(hidden_states.dtype)
+    return out if hidden_states.dim() == 2 else out.reshape(hidden_states.shape)
+
+
 class MoE(nn.Module):
     """Expert-parallel MoE layer (gate + routed experts sharded over the EP group + shared experts).
 
@@ -449,8 +457,11 @@ class MoE(nn.Module):
         `router_logits_probe` module, if set, sees them: transformers' `output_router_logits` records them there)."""
         if torch.is_grad_enabled():
             self._grad_forward = True  # a backward may follow: sync_grads treats changed gradients as new ones
-        logits = F.linear(x.float(), self.gate_weight.float())
-        return logits if self.router_logits_probe is None else self.router_logits_probe(logits)
+        weight = self._parameters["gate_weight"]
+        logits = F.linear(x if x.dtype == torch.float32 else x.float(),
+                          weight if weight.dtype == torch.float32 else weight.float())
+        probe = self.router_logits_probe
+        return logits if probe is None else probe(logits)
 
     def route(self, x: torch.Tensor, logits: torch.Tensor | None = None) -> tuple[torch.Tensor, torch.Tensor]:
         """Router GEMM in fp32 (or the given `logits` [T, E]) then fused routing. x [T, H] -> (topk_weights fp32
@@ -471,25 +482,23 @@ class MoE(nn.Module):
 
     def forward(self, hidden_states: torch.Tensor) -> torch.Tensor:
         cfg = self.config
-        # Input checks (docs/errors.md): any strides are accepted; other dtypes are not cast silently.
-        _validate.check_tensor("hidden_states", hidden_states, dtypes=_validate.FLOAT_DTYPES)
-        if hidden_states.dim() == 0 or hidden_states.shape[-1] != cfg.hidden_size:
-            raise ValueError(f"hidden_states must have shape [..., {cfg.hidden_size}] (hidden_size), got "
-                             f"{list(hidden_states.shape)}")
-        if hidden_states.is_meta:
-            raise ValueError("hidden_states is on the meta device: MoE.forward routes real tokens, so it needs data "
-                             "(materialise the layer and the input first)")
-        _validate.check_tensor("hidden_states", hidden_states, device=self.gate_weight.device,
-                               like="the layer's parameters")
+        # Input checks (docs/errors.md): any strides are accepted; other dtypes are not cast silently. At decode this
+        # runs per layer and token with cold caches: the cheap tests first, the checks with messages on a failure.
+        device = self._parameters["gate_weight"].device
+        if (not isinstance(hidden_states, torch.Tensor) or hidden_states.dtype not in _validate.FLOAT_DTYPES
+                or hidden_states.dim() == 0 or hidden_states.shape[-1] != cfg.hidden_size or hidden_states.is_meta
+                or hidden_states.device != device):
+            self._check_input(hidden_states)
         shape = hidden_states.shape
-        x = hidden_states.reshape(-1, cfg.hidden_size)
-        if self._log2phy.device != x.device:  # the module was moved after the placement was installed
+        x = hidden_states if len(shape) == 2 else hidden_states.reshape(-1, cfg.hidden_size)
+        if self._log2phy.device != device:  # the module was moved after the placement was installed
             self._install_placement(self.placement)
         if not torch.is_grad_enabled() and not self.distributed and (not self.training or not balance.enabled(cfg)):
             out = self._forward_inference(x)
             if out is not None:
-                self.aux_loss = None
-                return out.to(hidden_states.dtype).reshape(shape)
+                if self.aux_loss is not None:
+                    self.aux_loss = None
+                return _like_input(out, hidden_states)
         logits = self.router_logits(x)
         topk_weights, topk_idx = self.route(x, logits)
         # Balance losses and the bias-update counts see training forwards only (epmoe.balance).
@@ -522,7 +531,20 @@ class MoE(nn.Module):
             routed = self.ep.combine(expert_out, dispatched.handle)
         # In place: `routed` is a fresh tensor no autograd node saved, and a new [T, H] buffer costs page faults.
         out = routed if shared is None else routed.add_(shared)
-        return out.to(hidden_states.dtype).reshape(shape)
+        return _like_input(out, hidden_states)
+
+    def _check_input(self, hidden_states) -> None:
+        """Raises the error for a `hidden_states` that forward's quick test rejected."""
+        cfg = self.config
+        _validate.check_tensor("hidden_states", hidden_states, dtypes=_validate.FLOAT_DTYPES)
+        if hidden_states.dim() == 0 or hidden_states.shape[-1] != cfg.hidden_size:
+            raise ValueError(f"hidden_states must have shape [..., {cfg.hidden_size}] (hidden_size), got "
+                             f"{list(hidden_states.shape)}")
+        if hidden_states.is_meta:
+            raise ValueError("hidden_states is on the meta device: MoE.forward routes real tokens, so it needs data "
+                             "(materialise the layer and the input first)")
+        _validate.check_tensor("hidden_states", hidden_states, device=self.gate_weight.device,
+                               like="the layer's parameters")
 
     def _forward_inference(self, x: torch.Tensor) -> torch.Tensor | None:
         """The one-process inference forward (grad mode off; eval mode, or training without balance terms): the
@@ -532,14 +554,17 @@ class MoE(nn.Module):
         compute dtype; None where it does not apply (a non-hash replica policy, wrapped or hooked shared experts):
         then the general path runs."""
         cfg = self.config
-        shared = self._fused_shared_weights(x)
-        if shared is None or cfg.replica_policy != "hash":
+        if cfg.replica_policy != "hash":
             return None
-        logits = self.router_logits(x)
+        shared = self._fused_shared_weights(x)
+        if shared is None:
+            return None
+        params = self._parameters
         out = torch.ops.epmoe.fused_moe_forward(
-            x, logits, cfg.top_k, cfg.scoring, cfg.num_groups, cfg.topk_groups, self.e_score_correction_bias,
-            cfg.renormalize, cfg.scaling_factor, self._log2phy, self._logcnt, self.rank << 24, self.layer_idx,
-            self.w13, self.w2, self.recorder.counts(0) if cfg.record_load else None, *(shared or (None,) * 3))
+            x, self.router_logits(x), cfg.top_k, cfg.scoring, cfg.num_groups, cfg.topk_groups,
+            self.e_score_correction_bias, cfg.renormalize, cfg.scaling_factor, self._log2phy, self._logcnt,
+            self.rank << 24, self.layer_idx, params["w13"], params["w2"],
+            self.recorder.counts(0) if cfg.record_load else None, *(shared or (None,) * 3))
         if cfg.record_load:
             self.recorder.step()
         return out

@@ -103,21 +103,25 @@ def test_grouped_ops_match_per_segment_torch(backend, dtype, counts, monkeypatch
 
 
 def test_native_results_do_not_depend_on_the_thread_count(monkeypatch):
-    """Native kernels: each output is one fixed-order sum whatever the split of rows and columns over threads."""
+    """Native kernels: each output is one fixed-order sum whatever the split of rows and columns over threads
+    (prefill: panels; decode: a few rows per expert, where the down GEMM items wait for their expert's SwiGLU items
+    inside one parallel region)."""
     results = {}
     threads = torch.get_num_threads()
     for dtype in (torch.float32, torch.bfloat16):
         use_backend("native", dtype, monkeypatch)
-        x, ids, weights, w13, w2 = make_problem(300, 6, 16, 64, 40, dtype, seed=5, hot=2)
-        try:
-            for n in (1, 2, 3):
-                torch.set_num_threads(n)
-                results[dtype, n] = _ops.fused_experts_forward(x, ids, weights, w13, w2, None)
-        finally:
-            torch.set_num_threads(threads)
-        assert torch.equal(results[dtype, 1], results[dtype, 2]) and torch.equal(results[dtype, 1], results[dtype, 3])
-        again = _ops.fused_experts_forward(x, ids, weights, w13, w2, None)
-        assert torch.equal(again, _ops.fused_experts_forward(x, ids, weights, w13, w2, None))
+        for num_tokens in (300, 5):
+            x, ids, weights, w13, w2 = make_problem(num_tokens, 6, 16, 64, 40, dtype, seed=5, hot=2)
+            try:
+                for n in (1, 2, 3):
+                    torch.set_num_threads(n)
+                    results[dtype, n] = _ops.fused_experts_forward(x, ids, weights, w13, w2, None)
+            finally:
+                torch.set_num_threads(threads)
+            assert torch.equal(results[dtype, 1], results[dtype, 2])
+            assert torch.equal(results[dtype, 1], results[dtype, 3])
+            again = _ops.fused_experts_forward(x, ids, weights, w13, w2, None)
+            assert torch.equal(again, _ops.fused_experts_forward(x, ids, weights, w13, w2, None))
 
 
 @pytest.mark.parametrize("dtype", [torch.float32, torch.bfloat16])

@@ -45,14 +45,21 @@ EPMOE_TARGET_AVX512_BF16 inline __m512 step(__m512 acc, __m512i b_words, __m512i
     return _mm512_dpbf16_ps(acc, (__m512bh)b_words, (__m512bh)a_word);
 }
 
+// Software prefetch of the next b block (into L2), one line per b row per 16 words of K.
+enum class Prefetch {
+    kNone,
+    kSameOffset,  // the next block's rows at the same K offset: rows of a page or more, one sequential stream each
+    kLinear,      // the next block's lines in address order: rows shorter than a page (a contiguous block)
+};
+
 // c[m][n0 + i] = sum over K of a[m] . b[n0 + i] for MR rows of a and the <= 16 rows of one b block (lanes = b
 // rows): per 16 words of K the block's rows are loaded, transposed in registers, and every row of a accumulates
-// with one step per word. With `prefetch_next`, the next block's rows are prefetched at the same K offsets.
+// with one step per word, while the next block is prefetched as `prefetch` says.
 // NOTES: both instantiations carry the bf16 ISA (one template); the fp32 one holds no bf16 instruction, and both run
 // only after cpu_features() checks.
 template <typename T, int MR>
 EPMOE_TARGET_AVX512_BF16 void rows_block(const T* const* a_rows, int64_t depth, const T* b, int64_t ldb, int num_b,
-                                         float* c, int64_t ldc, bool prefetch_next) {
+                                         float* c, int64_t ldc, Prefetch prefetch) {
     const int64_t words = sizeof(T) == 4 ? depth : (depth + 1) / 2;
     __m512 acc[MR];
 #pragma GCC unroll 8
@@ -64,7 +71,11 @@ EPMOE_TARGET_AVX512_BF16 void rows_block(const T* const* a_rows, int64_t depth, 
         for (int i = 0; i < kBlock; ++i) {
             const T* row = b + i * ldb;
             t[i] = i < num_b ? load_words(row, w0, nw, depth) : _mm512_setzero_si512();
-            if (prefetch_next) __builtin_prefetch(row + kBlock * ldb + w0 * (4 / sizeof(T)), 0, 2);
+            if (prefetch == Prefetch::kSameOffset) {
+                __builtin_prefetch(row + kBlock * ldb + w0 * (4 / sizeof(T)), 0, 2);
+            } else if (prefetch == Prefetch::kLinear) {
+                __builtin_prefetch(reinterpret_cast<const char*>(b + kBlock * ldb) + (w0 + i) * 64, 0, 2);
+            }
         }
         transpose16(t);
         if (nw == kBlock) {
@@ -88,16 +99,16 @@ EPMOE_TARGET_AVX512_BF16 void rows_block(const T* const* a_rows, int64_t depth, 
 // rows_block for 1 <= mr <= kMr rows.
 template <typename T>
 EPMOE_TARGET_AVX512 inline void rows_block_n(int mr, const T* const* a_rows, int64_t depth, const T* b, int64_t ldb,
-                                             int num_b, float* c, int64_t ldc, bool prefetch_next) {
+                                             int num_b, float* c, int64_t ldc, Prefetch prefetch) {
     switch (mr) {
-        case 1: return rows_block<T, 1>(a_rows, depth, b, ldb, num_b, c, ldc, prefetch_next);
-        case 2: return rows_block<T, 2>(a_rows, depth, b, ldb, num_b, c, ldc, prefetch_next);
-        case 3: return rows_block<T, 3>(a_rows, depth, b, ldb, num_b, c, ldc, prefetch_next);
-        case 4: return rows_block<T, 4>(a_rows, depth, b, ldb, num_b, c, ldc, prefetch_next);
-        case 5: return rows_block<T, 5>(a_rows, depth, b, ldb, num_b, c, ldc, prefetch_next);
-        case 6: return rows_block<T, 6>(a_rows, depth, b, ldb, num_b, c, ldc, prefetch_next);
-        case 7: return rows_block<T, 7>(a_rows, depth, b, ldb, num_b, c, ldc, prefetch_next);
-        default: return rows_block<T, kMr>(a_rows, depth, b, ldb, num_b, c, ldc, prefetch_next);
+        case 1: return rows_block<T, 1>(a_rows, depth, b, ldb, num_b, c, ldc, prefetch);
+        case 2: return rows_block<T, 2>(a_rows, depth, b, ldb, num_b, c, ldc, prefetch);
+        case 3: return rows_block<T, 3>(a_rows, depth, b, ldb, num_b, c, ldc, prefetch);
+        case 4: return rows_block<T, 4>(a_rows, depth, b, ldb, num_b, c, ldc, prefetch);
+        case 5: return rows_block<T, 5>(a_rows, depth, b, ldb, num_b, c, ldc, prefetch);
+        case 6: return rows_block<T, 6>(a_rows, depth, b, ldb, num_b, c, ldc, prefetch);
+        case 7: return rows_block<T, 7>(a_rows, depth, b, ldb, num_b, c, ldc, prefetch);
+        default: return rows_block<T, kMr>(a_rows, depth, b, ldb, num_b, c, ldc, prefetch);
     }
 }
 
@@ -106,15 +117,20 @@ EPMOE_TARGET_AVX512 inline void rows_block_n(int mr, const T* const* a_rows, int
 // the other rows of the call, or on how callers split rows and columns. Decode reads each b row once, straight from
 // memory, and the hardware prefetcher does not follow 16 interleaved rows shorter than a page: the first row group
 // of each block prefetches the next block, into L2 (rows a power-of-two apart share L1 sets; 3-5% faster cold).
+// Rows shorter than a page (the down GEMM's I of 256-512 values) are prefetched in address order: at the same K
+// offsets their lines are scattered over the block, and the down GEMM of bench_layer (1 KB rows) streamed ~20%
+// slower per byte than its gate/up GEMM (the layer at T=8: ~2% faster in address order).
 template <typename T>
 EPMOE_TARGET_AVX512 void gemm_nt_impl(const T* const* a_rows, int64_t num_rows, const T* b, int64_t ldb,
                                       int64_t num_cols, int64_t depth, float* c, int64_t ldc) {
+    // Linear prefetch needs ldb == depth to cover the block (as in every call of the library); it is a hint only.
+    const Prefetch ahead = ldb * static_cast<int64_t>(sizeof(T)) < 4096 ? Prefetch::kLinear : Prefetch::kSameOffset;
     for (int64_t n0 = 0; n0 < num_cols; n0 += kBlock) {
         const int nv = static_cast<int>(num_cols - n0 < kBlock ? num_cols - n0 : kBlock);
         for (int64_t m0 = 0; m0 < num_rows; m0 += kMr) {
             const int mr = static_cast<int>(num_rows - m0 < kMr ? num_rows - m0 : kMr);
             rows_block_n<T>(mr, a_rows + m0, depth, b + n0 * ldb, ldb, nv, c + m0 * ldc + n0, ldc,
-                            m0 == 0 && n0 + kBlock < num_cols);
+                            m0 == 0 && n0 + kBlock < num_cols ? ahead : Prefetch::kNone);
         }
     }
 }

@@ -52,63 +52,90 @@ enum class Prefetch {
     kLinear,      // the next block's lines in address order: rows shorter than a page (a contiguous block)
 };
 
-// c[m][n0 + i] = sum over K of a[m] . b[n0 + i] for MR rows of a and the <= 16 rows of one b block (lanes = b
-// rows): per 16 words of K the block's rows are loaded, transposed in registers, and every row of a accumulates
-// with one step per word, while the next block is prefetched as `prefetch` says.
+// c[m][n0 + i] = sum over K of a[m] . b[n0 + i] for MR rows of a and NB consecutive blocks of 16 b rows (the last
+// with num_b <= 16 rows; lanes = b rows): per 16 words of K each block's rows are loaded, transposed in registers,
+// and every row of a accumulates with one step per word, while the next NB blocks are prefetched as `prefetch`
+// says. Two blocks give each row of a two independent accumulation chains: with a few rows of a, one chain per row
+// waits on the latency of its vdpbf16ps steps (bf16 decode streamed at 0.87 of the read bandwidth with one block,
+// 0.91 with two, in one interleaved run of bench_experts' T=32 case).
 // NOTES: both instantiations carry the bf16 ISA (one template); the fp32 one holds no bf16 instruction, and both run
 // only after cpu_features() checks.
-template <typename T, int MR>
+template <typename T, int MR, int NB>
 EPMOE_TARGET_AVX512_BF16 void rows_block(const T* const* a_rows, int64_t depth, const T* b, int64_t ldb, int num_b,
                                          float* c, int64_t ldc, Prefetch prefetch) {
     const int64_t words = sizeof(T) == 4 ? depth : (depth + 1) / 2;
-    __m512 acc[MR];
+    __m512 acc[NB][MR];
+#pragma GCC unroll 2
+    for (int k = 0; k < NB; ++k) {
 #pragma GCC unroll 8
-    for (int m = 0; m < MR; ++m) acc[m] = _mm512_setzero_ps();
+        for (int m = 0; m < MR; ++m) acc[k][m] = _mm512_setzero_ps();
+    }
     for (int64_t w0 = 0; w0 < words; w0 += kBlock) {
         const int nw = static_cast<int>(words - w0 < kBlock ? words - w0 : kBlock);
-        __m512i t[kBlock];
+#pragma GCC unroll 2
+        for (int k = 0; k < NB; ++k) {
+            const T* block = b + k * kBlock * ldb;
+            const int rows = k == NB - 1 ? num_b : kBlock;
+            __m512i t[kBlock];
 #pragma GCC unroll 16
-        for (int i = 0; i < kBlock; ++i) {
-            const T* row = b + i * ldb;
-            t[i] = i < num_b ? load_words(row, w0, nw, depth) : _mm512_setzero_si512();
-            if (prefetch == Prefetch::kSameOffset) {
-                __builtin_prefetch(row + kBlock * ldb + w0 * (4 / sizeof(T)), 0, 2);
-            } else if (prefetch == Prefetch::kLinear) {
-                __builtin_prefetch(reinterpret_cast<const char*>(b + kBlock * ldb) + (w0 + i) * 64, 0, 2);
+            for (int i = 0; i < kBlock; ++i) {
+                const T* row = block + i * ldb;
+                t[i] = i < rows ? load_words(row, w0, nw, depth) : _mm512_setzero_si512();
+                if (prefetch == Prefetch::kSameOffset) {
+                    __builtin_prefetch(row + NB * kBlock * ldb + w0 * (4 / sizeof(T)), 0, 2);
+                } else if (prefetch == Prefetch::kLinear) {
+                    __builtin_prefetch(reinterpret_cast<const char*>(block + NB * kBlock * ldb) + (w0 + i) * 64, 0, 2);
+                }
             }
-        }
-        transpose16(t);
-        if (nw == kBlock) {
+            transpose16(t);
+            if (nw == kBlock) {
 #pragma GCC unroll 16
-            for (int j = 0; j < kBlock; ++j) {
+                for (int j = 0; j < kBlock; ++j) {
 #pragma GCC unroll 8
-                for (int m = 0; m < MR; ++m) acc[m] = step(acc[m], t[j], broadcast_word(a_rows[m], w0 + j, depth), T{});
-            }
-        } else {
-            for (int j = 0; j < nw; ++j) {
+                    for (int m = 0; m < MR; ++m)
+                        acc[k][m] = step(acc[k][m], t[j], broadcast_word(a_rows[m], w0 + j, depth), T{});
+                }
+            } else {
+                for (int j = 0; j < nw; ++j) {
 #pragma GCC unroll 8
-                for (int m = 0; m < MR; ++m) acc[m] = step(acc[m], t[j], broadcast_word(a_rows[m], w0 + j, depth), T{});
+                    for (int m = 0; m < MR; ++m)
+                        acc[k][m] = step(acc[k][m], t[j], broadcast_word(a_rows[m], w0 + j, depth), T{});
+                }
             }
         }
     }
-    const __mmask16 col_mask = static_cast<__mmask16>((1u << num_b) - 1u);
+#pragma GCC unroll 2
+    for (int k = 0; k < NB; ++k) {
+        const __mmask16 col_mask = static_cast<__mmask16>(k == NB - 1 ? (1u << num_b) - 1u : 0xFFFFu);
 #pragma GCC unroll 8
-    for (int m = 0; m < MR; ++m) _mm512_mask_storeu_ps(c + m * ldc, col_mask, acc[m]);
+        for (int m = 0; m < MR; ++m) _mm512_mask_storeu_ps(c + m * ldc + k * kBlock, col_mask, acc[k][m]);
+    }
 }
 
-// rows_block for 1 <= mr <= kMr rows.
+// rows_block for 1 <= mr <= kMr rows; two blocks (two_blocks) for mr <= kMr2 (the accumulators of two blocks and
+// one transposed block fill the 32 vector registers at 8 rows).
+constexpr int kMr2 = 4;
 template <typename T>
-EPMOE_TARGET_AVX512 inline void rows_block_n(int mr, const T* const* a_rows, int64_t depth, const T* b, int64_t ldb,
-                                             int num_b, float* c, int64_t ldc, Prefetch prefetch) {
+EPMOE_TARGET_AVX512 inline void rows_block_n(int mr, bool two_blocks, const T* const* a_rows, int64_t depth,
+                                             const T* b, int64_t ldb, int num_b, float* c, int64_t ldc,
+                                             Prefetch prefetch) {
+    if (two_blocks) {
+        switch (mr) {
+            case 1: return rows_block<T, 1, 2>(a_rows, depth, b, ldb, num_b, c, ldc, prefetch);
+            case 2: return rows_block<T, 2, 2>(a_rows, depth, b, ldb, num_b, c, ldc, prefetch);
+            case 3: return rows_block<T, 3, 2>(a_rows, depth, b, ldb, num_b, c, ldc, prefetch);
+            default: return rows_block<T, kMr2, 2>(a_rows, depth, b, ldb, num_b, c, ldc, prefetch);
+        }
+    }
     switch (mr) {
-        case 1: return rows_block<T, 1>(a_rows, depth, b, ldb, num_b, c, ldc, prefetch);
-        case 2: return rows_block<T, 2>(a_rows, depth, b, ldb, num_b, c, ldc, prefetch);
-        case 3: return rows_block<T, 3>(a_rows, depth, b, ldb, num_b, c, ldc, prefetch);
-        case 4: return rows_block<T, 4>(a_rows, depth, b, ldb, num_b, c, ldc, prefetch);
-        case 5: return rows_block<T, 5>(a_rows, depth, b, ldb, num_b, c, ldc, prefetch);
-        case 6: return rows_block<T, 6>(a_rows, depth, b, ldb, num_b, c, ldc, prefetch);
-        case 7: return rows_block<T, 7>(a_rows, depth, b, ldb, num_b, c, ldc, prefetch);
-        default: return rows_block<T, kMr>(a_rows, depth, b, ldb, num_b, c, ldc, prefetch);
+        case 1: return rows_block<T, 1, 1>(a_rows, depth, b, ldb, num_b, c, ldc, prefetch);
+        case 2: return rows_block<T, 2, 1>(a_rows, depth, b, ldb, num_b, c, ldc, prefetch);
+        case 3: return rows_block<T, 3, 1>(a_rows, depth, b, ldb, num_b, c, ldc, prefetch);
+        case 4: return rows_block<T, 4, 1>(a_rows, depth, b, ldb, num_b, c, ldc, prefetch);
+        case 5: return rows_block<T, 5, 1>(a_rows, depth, b, ldb, num_b, c, ldc, prefetch);
+        case 6: return rows_block<T, 6, 1>(a_rows, depth, b, ldb, num_b, c, ldc, prefetch);
+        case 7: return rows_block<T, 7, 1>(a_rows, depth, b, ldb, num_b, c, ldc, prefetch);
+        default: return rows_block<T, kMr, 1>(a_rows, depth, b, ldb, num_b, c, ldc, prefetch);
     }
 }
 
@@ -125,13 +152,19 @@ EPMOE_TARGET_AVX512 void gemm_nt_impl(const T* const* a_rows, int64_t num_rows, 
                                       int64_t num_cols, int64_t depth, float* c, int64_t ldc) {
     // Linear prefetch needs ldb == depth to cover the block (as in every call of the library); it is a hint only.
     const Prefetch ahead = ldb * static_cast<int64_t>(sizeof(T)) < 4096 ? Prefetch::kLinear : Prefetch::kSameOffset;
-    for (int64_t n0 = 0; n0 < num_cols; n0 += kBlock) {
-        const int nv = static_cast<int>(num_cols - n0 < kBlock ? num_cols - n0 : kBlock);
+    // bf16 with a few rows: two blocks at once (vdpbf16ps chains are latency-bound here; fp32 FMAs are not, and
+    // there the 32 rows in flight stream ~4% slower: measured).
+    const bool pairs = sizeof(T) == 2 && num_rows <= kMr2;
+    for (int64_t n0 = 0; n0 < num_cols;) {
+        const bool two = pairs && num_cols - n0 > kBlock;
+        const int64_t span = two ? 2 * kBlock : kBlock;
+        const int nv = static_cast<int>(num_cols - n0 < span ? num_cols - n0 : span) - (two ? kBlock : 0);
         for (int64_t m0 = 0; m0 < num_rows; m0 += kMr) {
             const int mr = static_cast<int>(num_rows - m0 < kMr ? num_rows - m0 : kMr);
-            rows_block_n<T>(mr, a_rows + m0, depth, b + n0 * ldb, ldb, nv, c + m0 * ldc + n0, ldc,
-                            m0 == 0 && n0 + kBlock < num_cols ? ahead : Prefetch::kNone);
+            rows_block_n<T>(mr, two, a_rows + m0, depth, b + n0 * ldb, ldb, nv, c + m0 * ldc + n0, ldc,
+                            m0 == 0 && n0 + span < num_cols ? ahead : Prefetch::kNone);
         }
+        n0 += span;
     }
 }
 

@@ -12,7 +12,6 @@
 #include <cstdlib>
 #include <cstring>
 #include <functional>
-#include <memory>
 #include <string>
 #include <thread>
 #include <utility>
@@ -301,9 +300,8 @@ void swiglu_gemm_segments(const std::vector<SwigluSegments>& swiglu_groups,
     const auto key = [&](const Item& it) { return key_base[it.group] + it.expert; };
     const std::vector<Item> first = make_items(swiglu_specs(swiglu_groups));
     std::vector<Item> second = make_items(gemm_specs(gemm_groups));
-    std::unique_ptr<std::atomic<int64_t>[]> pending(new std::atomic<int64_t>[key_base.back()]);
+    std::vector<std::atomic<int64_t>> pending(key_base.back());  // value-initialised: 0
     std::vector<int64_t> last_position(key_base.back(), 0);
-    for (int64_t k = 0; k < key_base.back(); ++k) pending[k].store(0, std::memory_order_relaxed);
     for (size_t i = 0; i < first.size(); ++i) {
         pending[key(first[i])].fetch_add(1, std::memory_order_relaxed);
         last_position[key(first[i])] = static_cast<int64_t>(i);

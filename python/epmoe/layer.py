@@ -488,7 +488,7 @@ class MoE(nn.Module):
         if (not isinstance(hidden_states, torch.Tensor) or hidden_states.dtype not in _validate.FLOAT_DTYPES
                 or hidden_states.dim() == 0 or hidden_states.shape[-1] != cfg.hidden_size or hidden_states.is_meta
                 or hidden_states.device != device):
-            self._check_input(hidden_states)
+            self._check_input(hidden_states, device)
         shape = hidden_states.shape
         x = hidden_states if len(shape) == 2 else hidden_states.reshape(-1, cfg.hidden_size)
         if self._log2phy.device != device:  # the module was moved after the placement was installed
@@ -533,8 +533,8 @@ class MoE(nn.Module):
         out = routed if shared is None else routed.add_(shared)
         return _like_input(out, hidden_states)
 
-    def _check_input(self, hidden_states) -> None:
-        """Raises the error for a `hidden_states` that forward's quick test rejected."""
+    def _check_input(self, hidden_states, device: torch.device) -> None:
+        """Raises the error for a `hidden_states` that forward's quick test rejected (`device`: the parameters')."""
         cfg = self.config
         _validate.check_tensor("hidden_states", hidden_states, dtypes=_validate.FLOAT_DTYPES)
         if hidden_states.dim() == 0 or hidden_states.shape[-1] != cfg.hidden_size:
@@ -543,8 +543,7 @@ class MoE(nn.Module):
         if hidden_states.is_meta:
             raise ValueError("hidden_states is on the meta device: MoE.forward routes real tokens, so it needs data "
                              "(materialise the layer and the input first)")
-        _validate.check_tensor("hidden_states", hidden_states, device=self.gate_weight.device,
-                               like="the layer's parameters")
+        _validate.check_tensor("hidden_states", hidden_states, device=device, like="the layer's parameters")
 
     def _forward_inference(self, x: torch.Tensor) -> torch.Tensor | None:
         """The one-process inference forward (grad mode off; eval mode, or training without balance terms): the
